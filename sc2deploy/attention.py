@@ -1,0 +1,152 @@
+"""The sliding-window GQA contract: one function through which all StarCoder2 attention goes.
+
+`sc2deploy::sliding_window_gqa` is a torch custom op with the semantics of ONNX Runtime's
+`com.microsoft::GroupQueryAttention` (do_rotary=1, rotary_interleaved=0), so the export maps
+it one to one, and the TensorRT plugin implements the same contract.
+
+Inputs
+  query           (B, S, Nq*H)   before RoPE
+  key, value      (B, S, Nkv*H)  before RoPE
+  past_key/value  (B, Nkv, C, H) the cache: rotated keys and values, C slots per row
+  seqlens_k       int32 (B,)     total length of each row (past + new) minus one
+  total_sequence_length          int32 scalar tensor, the attention_mask width
+  cos_cache/sin_cache (max_pos, H/2) float32
+Attributes: num_heads (Nq), kv_num_heads (Nkv), local_window_size (W; <= 0 means none), scale.
+
+Rows (per-row lengths, right padding):
+  * first prompt (S == total_sequence_length): row b has seqlens_k[b]+1 real tokens at
+    positions 0.. of the S columns; the remaining columns are padding.
+  * otherwise: row b already holds seqlens_k[b]+1-S positions and all S tokens are new, at the
+    positions that follow (S > 1 with a past is a chunk of a longer prompt).
+Attention: the query at position i sees the key at position j iff 0 <= i - j < W.
+Cache: the key and value of position p live in slot p % C. With C >= the row's total that is
+a plain linear cache (ONNX Runtime's layout); with W <= C it is a ring that never holds more
+than C positions, so a 16,384-token context needs only W slots. Outputs:
+  output (B, S, Nq*H) (zeros in padded columns), present_key/value (B, Nkv, C, H).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["rope_cache", "sliding_window_gqa", "sliding_window_gqa_reference"]
+
+
+def rope_cache(head_dim: int, theta: float, max_positions: int) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (max_positions, head_dim/2) in float32, computed exactly as transformers does."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    positions = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
+    freqs = (inv_freq[:, None] @ positions[None, :]).t()
+    return freqs.cos(), freqs.sin()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """NeoX RoPE. x (B, N, S, H); cos/sin (B, S, H/2) float32, applied in x's dtype as transformers does."""
+    cos = torch.cat((cos, cos), dim=-1).unsqueeze(1).to(x.dtype)
+    sin = torch.cat((sin, sin), dim=-1).unsqueeze(1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _row_layout(seqlens_k: Tensor, seq_len: int, total_sequence_length: int) -> tuple[Tensor, Tensor]:
+    """(past length per row, new real tokens per row) from the contract's row rules."""
+    total = seqlens_k.to(torch.int64) + 1
+    if seq_len == total_sequence_length:
+        return torch.zeros_like(total), total
+    return total - seq_len, torch.full_like(total, seq_len)
+
+
+def sliding_window_gqa_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    past_key: Tensor,
+    past_value: Tensor,
+    seqlens_k: Tensor,
+    total_sequence_length: Tensor,
+    cos_cache: Tensor,
+    sin_cache: Tensor,
+    num_heads: int,
+    kv_num_heads: int,
+    local_window_size: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The contract in plain torch; scores, softmax and the weighted sum run in float32."""
+    batch, seq_len, _ = query.shape
+    head_dim = query.shape[-1] // num_heads
+    capacity = past_key.shape[2]
+    groups = num_heads // kv_num_heads
+    past_len, n_new = _row_layout(seqlens_k, seq_len, int(total_sequence_length))
+
+    columns = torch.arange(seq_len)
+    q_pos = past_len[:, None] + columns  # (B, S)
+    q_real = columns[None, :] < n_new[:, None]
+    safe_pos = torch.where(q_real, q_pos, 0)
+    cos, sin = cos_cache[safe_pos], sin_cache[safe_pos]
+
+    q = _rotate(query.view(batch, seq_len, num_heads, head_dim).transpose(1, 2), cos, sin)
+    k = _rotate(key.view(batch, seq_len, kv_num_heads, head_dim).transpose(1, 2), cos, sin)
+    v = value.view(batch, seq_len, kv_num_heads, head_dim).transpose(1, 2)
+
+    # Cached slots hold the latest position p < past_len with p % C == slot (none if p < 0).
+    # Only the slots a row can have written are visited: a short row in a big ring costs little.
+    used = min(capacity, int(past_len.max()))
+    slots = torch.arange(used)
+    slot_pos = past_len[:, None] - 1 - torch.remainder(past_len[:, None] - 1 - slots, capacity)
+    keys = torch.cat((past_key[:, :, :used], k), dim=2)
+    values = torch.cat((past_value[:, :, :used], v), dim=2)
+    k_pos = torch.cat((slot_pos, q_pos), dim=1)  # (B, used + S)
+    k_real = torch.cat((slot_pos >= 0, q_real), dim=1)
+
+    distance = q_pos[:, :, None] - k_pos[:, None, :]  # (B, S, T)
+    visible = k_real[:, None, :] & (distance >= 0)
+    if local_window_size > 0:
+        visible &= distance < local_window_size
+
+    qf = q.float().view(batch, kv_num_heads, groups, seq_len, head_dim)
+    scores = qf @ keys.float().unsqueeze(2).transpose(-1, -2) * scale  # (B, Nkv, G, S, T)
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded columns see nothing
+    out = probs @ values.float().unsqueeze(2)  # (B, Nkv, G, S, H)
+    out = out.view(batch, num_heads, seq_len, head_dim).transpose(1, 2).reshape(batch, seq_len, -1)
+    out = out.masked_fill(~q_real[:, :, None], 0.0).to(query.dtype)
+
+    present_key, present_value = past_key.clone(), past_value.clone()
+    if capacity:
+        total = past_len + n_new
+        kept = q_real & (q_pos >= (total - capacity)[:, None])  # the last C positions of each row
+        rows, cols = kept.nonzero(as_tuple=True)
+        slot = torch.remainder(q_pos[rows, cols], capacity)
+        present_key[rows, :, slot] = k[rows, :, cols].to(past_key.dtype)
+        present_value[rows, :, slot] = v[rows, :, cols].to(past_value.dtype)
+    return out, present_key, present_value
+
+
+@torch.library.custom_op("sc2deploy::sliding_window_gqa", mutates_args=())
+def sliding_window_gqa(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    past_key: Tensor,
+    past_value: Tensor,
+    seqlens_k: Tensor,
+    total_sequence_length: Tensor,
+    cos_cache: Tensor,
+    sin_cache: Tensor,
+    num_heads: int,
+    kv_num_heads: int,
+    local_window_size: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return sliding_window_gqa_reference(
+        query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+        cos_cache, sin_cache, num_heads, kv_num_heads, local_window_size, scale,
+    )
+
+
+@sliding_window_gqa.register_fake
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+      cos_cache, sin_cache, num_heads, kv_num_heads, local_window_size, scale):
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
