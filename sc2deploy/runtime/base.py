@@ -1,0 +1,79 @@
+"""The interface every runtime offers: slots of KV cache, prefill into a slot, decode a step.
+
+A runtime owns `max_batch` cache slots of `capacity` positions each (at most the window:
+older positions are never needed). The parity checker, the generation loop and the server's
+continuous-batching scheduler use only these methods, so they never care which runtime they
+hold. Logits come back as float32 torch tensors.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from sc2deploy.config import Config
+from sc2deploy.errors import UserError
+
+
+class Runtime(ABC):
+    name: str
+    config: Config
+    dtype: str
+    max_batch: int
+    capacity: int
+
+    @abstractmethod
+    def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        """Start a new sequence in `slot` with `token_ids`.
+
+        Returns the logits of the last token (vocab,), or of every token (S, vocab).
+        """
+
+    @abstractmethod
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Tensor:
+        """Append one token to each of `slots` (distinct); returns logits (len(slots), vocab)."""
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Prefill prompts of unequal lengths into slots 0..n-1; all logits per prompt.
+
+        Runtimes that batch prompts in one call (right padding) override this.
+        """
+        return [self.prefill(slot, ids, all_logits=True) for slot, ids in enumerate(prompts)]
+
+    def length(self, slot: int) -> int:
+        """Tokens the sequence in `slot` holds (prompt and generated)."""
+        return self._lengths[slot]
+
+    def describe(self) -> dict:
+        return {"runtime": self.name, "dtype": self.dtype, "max_batch": self.max_batch, "capacity": self.capacity}
+
+    # ---- shared bookkeeping for subclasses ----
+    def _init_slots(self) -> None:
+        self._lengths = [0] * self.max_batch
+
+    def _check_prefill(self, slot: int, token_ids: Sequence[int]) -> None:
+        self._check_slot(slot)
+        if not token_ids:
+            raise UserError("the prompt is empty; give at least one token")
+        if len(token_ids) > self.config.max_position_embeddings:
+            raise UserError(f"the prompt has {len(token_ids)} tokens, more than the model's context of "
+                            f"{self.config.max_position_embeddings}; shorten it")
+        vocab = self.config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise UserError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def _check_decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> None:
+        if len(slots) != len(token_ids) or len(set(slots)) != len(slots):
+            raise ValueError("decode needs one token per slot and distinct slots")
+        for slot in slots:
+            self._check_slot(slot)
+            if self._lengths[slot] == 0:
+                raise ValueError(f"slot {slot} holds no sequence; prefill it first")
+            if self._lengths[slot] >= self.config.max_position_embeddings:
+                raise UserError(f"slot {slot} reached the context of {self.config.max_position_embeddings} tokens")
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} outside [0, {self.max_batch})")

@@ -1,0 +1,46 @@
+"""Shared fixtures: random checkpoints written by transformers (the independent oracle) and by sc2deploy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TOKENIZER_DATA = SHARED / "data" / "starcoder2-tokenizer"
+
+# Oracle configs: window below the prompt length, tied and untied heads, no biases, Nq/Nkv of 1, 2, 3, 4.
+HF_CONFIGS = {
+    "mha-w8": dict(num_attention_heads=4, num_key_value_heads=4, sliding_window=8),
+    "gqa2-tied": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=8, tie_word_embeddings=True),
+    "gqa3-nobias": dict(num_attention_heads=6, num_key_value_heads=2, sliding_window=12, use_bias=False),
+    "mqa4-w16": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=16),
+}
+
+
+def make_hf_model(folder: Path, seed: int = 0, vocab_size: int = 1000, head_dim: int = 16, **overrides):
+    """A random Starcoder2ForCausalLM saved with save_pretrained: a real Hugging Face checkpoint."""
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    heads = overrides.pop("num_attention_heads", 4)
+    fields = dict(vocab_size=vocab_size, hidden_size=heads * head_dim, intermediate_size=4 * heads * head_dim,
+                  num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=2,
+                  max_position_embeddings=512, sliding_window=8, rope_theta=10000.0, bos_token_id=0,
+                  eos_token_id=0, tie_word_embeddings=False, use_bias=True)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = Starcoder2ForCausalLM(Starcoder2Config(**fields)).eval()
+    with torch.no_grad():  # transformers initialises biases and norms to constants: randomise them too
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(params=sorted(HF_CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    model = make_hf_model(folder, **dict(HF_CONFIGS[request.param]))
+    return folder, model
