@@ -1,0 +1,211 @@
+"""StarCoder2 tokenizer: encode/decode, FIM and repo-level prompts, streaming detokenization, stop strings.
+
+Prompt conventions (control tokens are always inserted by id, never parsed out of user text):
+  FIM:        <fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>            (the model writes the middle)
+  repo-level: <repo_name>{name}<file_sep>{path}\\n{code}<file_sep>{path}\\n{code}...
+  repo + FIM: the last file's code becomes the FIM prefix, after its path line (our choice; unverified
+              against StarCoder2's training data, which is not public in this detail):
+              <repo_name>{name}<file_sep>{path}\\n{code}...
+              <file_sep>{path}\\n<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>      (one line, no break)
+Each text piece between control tokens is encoded on its own, so prompt ids equal the concatenation of
+those encodings (and equal Hugging Face's encoding of the prompt string when the text holds no special tokens).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from sc2deploy.errors import UserError
+
+EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"
+FIM_PAD, REPO_NAME, FILE_SEP = "<fim_pad>", "<repo_name>", "<file_sep>"
+REPLACEMENT = "\ufffd"
+
+
+def validate_text(data: bytes | bytearray | memoryview | str, what: str = "input") -> str:
+    """Raw bytes (or a str) from a caller -> text, or a UserError saying the input is not valid UTF-8."""
+    try:
+        if isinstance(data, str):
+            data.encode("utf-8")  # lone surrogates (e.g. from surrogateescape) cannot be sent to the model
+            return data
+        return bytes(data).decode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError) as e:
+        raise UserError(f"{what} is not valid UTF-8 (bad data at position {e.start}): "
+                        f"re-encode it as UTF-8 and try again") from None
+
+
+def fim_prompt(prefix: str, suffix: str) -> str:
+    return f"{FIM_PREFIX}{prefix}{FIM_SUFFIX}{suffix}{FIM_MIDDLE}"
+
+
+def repo_prompt(repo_name: str | None, files: Sequence[tuple[str, str]], *, suffix: str | None = None) -> str:
+    """Repo-level prompt text; with `suffix`, the last file's code is the FIM prefix (see module docstring)."""
+    return "".join(text for _, text in _repo_parts(repo_name, files, suffix))
+
+
+def _repo_parts(repo_name: str | None, files: Sequence[tuple[str, str]], suffix: str | None):
+    """The repo prompt as ("special", token) / ("text", text) pieces, shared by the text and id builders."""
+    if suffix is not None and not files:
+        raise UserError("a repo-level FIM prompt needs at least one file (the one being completed)")
+    parts: list[tuple[str, str]] = [] if repo_name is None else [("special", REPO_NAME), ("text", repo_name)]
+    for i, (path, code) in enumerate(files):
+        if suffix is not None and i == len(files) - 1:
+            parts += [("special", FILE_SEP), ("text", f"{path}\n"), ("special", FIM_PREFIX), ("text", code),
+                      ("special", FIM_SUFFIX), ("text", suffix), ("special", FIM_MIDDLE)]
+        else:
+            parts += [("special", FILE_SEP), ("text", f"{path}\n{code}")]
+    return parts
+
+
+def find_stop(text: str, stop_strings: Iterable[str]) -> tuple[str, str | None]:
+    """Cut `text` just before the earliest occurrence of any stop string: (text_before, stop) or (text, None).
+
+    Ties (two stops starting at the same index) go to the longer one; empty stop strings are ignored.
+    """
+    best: tuple[int, int, str] | None = None
+    for stop in stop_strings:
+        i = text.find(stop) if stop else -1
+        if i >= 0 and (best is None or (i, -len(stop)) < best[:2]):
+            best = (i, -len(stop), stop)
+    return (text, None) if best is None else (text[: best[0]], best[2])
+
+
+def stop_holdback(text: str, stop_strings: Iterable[str]) -> int:
+    """How many trailing chars of `text` are a proper prefix of some stop string (so a stream must hold them).
+
+    Check `find_stop` first: a complete stop at the end is not counted here.
+    """
+    held = 0
+    for stop in stop_strings:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held
+
+
+class Tokenizer:
+    """A StarCoder2 byte-level BPE tokenizer (Hugging Face `tokenizers`)."""
+
+    def __init__(self, hf: _HFTokenizer, source: str):
+        self.source = source
+        self._tok = hf  # special-token strings in text are parsed as control tokens
+        self._plain = _HFTokenizer.from_str(hf.to_str())
+        self._plain.encode_special_tokens = True  # ... and here they are ordinary text
+        found = {t: hf.token_to_id(t) for t in (EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, REPO_NAME, FILE_SEP)}
+        missing = [t for t, i in found.items() if i is None]
+        if missing:
+            raise UserError(f"{source} is not a StarCoder2 tokenizer (no {', '.join(missing)}): "
+                            f"use the tokenizer.json that came with the checkpoint")
+        self._control: dict[str, int] = {t: i for t, i in found.items() if i is not None}
+        self.eos_id = self.bos_id = self._control[EOS]
+        self.fim_prefix_id, self.fim_middle_id = self._control[FIM_PREFIX], self._control[FIM_MIDDLE]
+        self.fim_suffix_id, self.fim_pad_id = self._control[FIM_SUFFIX], self._control[FIM_PAD]
+        self.repo_name_id, self.file_sep_id = self._control[REPO_NAME], self._control[FILE_SEP]
+        self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
+        self.stop_token_ids = frozenset({self.eos_id, self.file_sep_id, self.fim_pad_id})
+        # In a FIM completion, any other FIM/repo control token also means the middle is over.
+        self.fim_stop_token_ids = self.stop_token_ids | {self.fim_prefix_id, self.fim_middle_id,
+                                                         self.fim_suffix_id, self.repo_name_id}
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path | None = None) -> Tokenizer:
+        """`<checkpoint_dir>/tokenizer.json` if present (or a tokenizer.json path), else the packaged vocabulary."""
+        if checkpoint_dir is not None:
+            path = Path(checkpoint_dir)
+            if path.is_dir():
+                path = path / "tokenizer.json"
+                if not path.exists():
+                    return cls.load(None)
+            if not path.is_file():
+                raise UserError(f"tokenizer file {path} not found: pass a checkpoint directory or its tokenizer.json")
+            try:
+                hf = _HFTokenizer.from_str(path.read_text(encoding="utf-8"))
+            except Exception as e:  # OSError, UnicodeError, or the tokenizers library's parse error
+                reason = (str(e).splitlines() or [type(e).__name__])[0]
+                raise UserError(f"cannot read tokenizer file {path} ({reason}): "
+                                f"replace it with the checkpoint's original tokenizer.json") from None
+            return cls(hf, str(path))
+        packaged = resources.files("sc2deploy").joinpath("data/tokenizer.json")
+        return cls(_HFTokenizer.from_str(packaged.read_text(encoding="utf-8")), "sc2deploy/data/tokenizer.json")
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
+        """Token ids, no special tokens added. Special-token strings in `text` stay text unless `parse_special`."""
+        return (self._tok if parse_special else self._plain).encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.vocab_size}): {min(ids)}..{max(ids)}")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def fim_prompt_ids(self, prefix: str, suffix: str) -> list[int]:
+        return ([self.fim_prefix_id] + self.encode(prefix) + [self.fim_suffix_id] + self.encode(suffix)
+                + [self.fim_middle_id])
+
+    def repo_prompt_ids(self, repo_name: str | None, files: Sequence[tuple[str, str]], *,
+                        suffix: str | None = None) -> list[int]:
+        """Ids of `repo_prompt(repo_name, files, suffix=suffix)`, user text never parsed for control tokens."""
+        ids: list[int] = []
+        for kind, text in _repo_parts(repo_name, files, suffix):
+            ids += [self._control[text]] if kind == "special" else self.encode(text)
+        return ids
+
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: feed ids one at a time, get text that is safe to show.
+
+    Ids whose text ends in U+FFFD (a UTF-8 character split across tokens) are held back until it completes.
+    The deltas of `add` plus `flush()` concatenate to `tok.decode(all_ids)` exactly. Past `max_pending` held
+    ids, the longest head ending between characters is released (a run of bytes that never decode), so the
+    window, and the cost of an `add`, stays O(max_pending) unless every token boundary splits a character.
+    """
+
+    def __init__(self, tok: Tokenizer, *, skip_special_tokens: bool = False, max_pending: int = 8):
+        self._tok, self._skip, self._max = tok, skip_special_tokens, max(max_pending, 1)
+        self._pending: list[int] = []
+
+    @property
+    def pending(self) -> int:
+        """Number of ids received but not yet turned into text."""
+        return len(self._pending)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, token_id: int) -> str:
+        if not 0 <= token_id < self._tok.vocab_size:
+            raise ValueError(f"token id {token_id} out of range [0, {self._tok.vocab_size})")
+        if self._skip and token_id in self._tok.special_ids:
+            return ""  # contributes no bytes: holding it would only grow the window
+        self._pending.append(token_id)
+        text = self._decode(self._pending)
+        if not text.endswith(REPLACEMENT):
+            self._pending.clear()
+            return text
+        if len(self._pending) <= self._max:
+            return ""
+        # Release the longest head whose text cannot change whatever comes next: a split is safe iff head and
+        # tail decode the same apart as together (an unfinished char at the head's end would not).
+        for j in range(len(self._pending) - 1, 0, -1):
+            head, tail = self._decode(self._pending[:j]), self._decode(self._pending[j:])
+            if head + tail == text:
+                del self._pending[:j]
+                return head
+        return ""
+
+    def flush(self) -> str:
+        """The held-back remainder (may contain U+FFFD if the stream ended mid-character)."""
+        text = self._decode(self._pending)
+        self._pending.clear()
+        return text
