@@ -13,7 +13,6 @@ those encodings (and equal Hugging Face's encoding of the prompt string when the
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -23,6 +22,11 @@ from sc2deploy.errors import UserError
 EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"
 FIM_PAD, REPO_NAME, FILE_SEP = "<fim_pad>", "<repo_name>", "<file_sep>"
 REPLACEMENT = "\ufffd"
+
+
+def packaged_tokenizer_path() -> Path:
+    """The StarCoder2 vocabulary shipped with sc2deploy (see sc2deploy/data/PROVENANCE.md)."""
+    return Path(__file__).resolve().parent / "data" / "tokenizer.json"
 
 
 def validate_text(data: bytes | bytearray | memoryview | str, what: str = "input") -> str:
@@ -130,8 +134,7 @@ class Tokenizer:
                 raise UserError(f"cannot read tokenizer file {path} ({reason}): "
                                 f"replace it with the checkpoint's original tokenizer.json") from None
             return cls(hf, str(path))
-        packaged = resources.files("sc2deploy").joinpath("data/tokenizer.json")
-        return cls(_HFTokenizer.from_str(packaged.read_text(encoding="utf-8")), "sc2deploy/data/tokenizer.json")
+        return cls(_HFTokenizer.from_file(str(packaged_tokenizer_path())), "sc2deploy/data/tokenizer.json")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

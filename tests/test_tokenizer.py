@@ -13,7 +13,8 @@ from tokenizers import models
 
 from sc2deploy.errors import UserError
 from sc2deploy.tokenizer import (
-    StreamDecoder, Tokenizer, find_stop, fim_prompt, repo_prompt, stop_holdback, validate_text,
+    StreamDecoder, Tokenizer, find_stop, fim_prompt, packaged_tokenizer_path, repo_prompt, stop_holdback,
+    validate_text,
 )
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "starcoder2-tokenizer"
@@ -92,6 +93,7 @@ def test_decode_special_tokens_and_range(tok):
 # ---- loading ------------------------------------------------------------------------------------
 
 def test_load_packaged_and_checkpoint_dir(tmp_path):
+    assert packaged_tokenizer_path().read_bytes() == (VECTORS / "tokenizer.json").read_bytes()
     assert Tokenizer.load().source == "sc2deploy/data/tokenizer.json"
     assert Tokenizer.load(tmp_path).source == "sc2deploy/data/tokenizer.json"  # no tokenizer.json there
     shutil.copyfile(VECTORS / "tokenizer.json", tmp_path / "tokenizer.json")
