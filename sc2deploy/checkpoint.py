@@ -284,3 +284,18 @@ def load_model(source: TensorSource, dtype: str = "fp32"):
     cos, sin = rope_cache(config.head_dim, config.rope_theta, config.max_position_embeddings)
     model.cos_cache, model.sin_cache = cos, sin
     return model.eval()
+
+
+def open_source(checkpoint: str | Path | None = None, size: str | None = None, seed: int = 0,
+                notice: Callable[[str], None] | None = None) -> TensorSource:
+    """The weights a command works on: a checkpoint folder, or seeded random weights for a preset."""
+    from sc2deploy.config import preset
+
+    expected = preset(size) if size else None
+    if checkpoint is not None:
+        return CheckpointSource(checkpoint, expected=expected)
+    if expected is None:
+        raise UserError("give --checkpoint DIR or --size SIZE")
+    if notice:
+        notice(f"note: no --checkpoint given: using random weights for the {size} preset (seed {seed})")
+    return RandomSource(expected, seed)

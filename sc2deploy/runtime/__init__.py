@@ -1,0 +1,34 @@
+"""Runtimes behind one interface (base.Runtime); each backend's module is imported only when used."""
+from __future__ import annotations
+
+from sc2deploy.errors import UserError
+from sc2deploy.runtime.base import Runtime
+
+BACKENDS = ("eager", "ort", "trt")
+
+
+def open_runtime(backend: str, *, source=None, artifact=None, engine=None, dtype: str = "fp32",
+                 max_batch: int = 1, capacity: int | None = None, **options) -> Runtime:
+    """The runtime for `backend`: eager runs a TensorSource, ort an export artifact, trt an engine folder."""
+    if backend == "eager":
+        if source is None:
+            raise UserError("the eager backend needs --checkpoint DIR or --size SIZE")
+        from sc2deploy.runtime.eager import EagerRuntime
+
+        return EagerRuntime(source, dtype=dtype, max_batch=max_batch, capacity=capacity, **options)
+    if backend == "ort":
+        if artifact is None:
+            raise UserError("the ort backend needs --artifact DIR (made by `sc2deploy export --target ort`)")
+        from sc2deploy.runtime.onnxruntime import OrtRuntime
+
+        return OrtRuntime(artifact, max_batch=max_batch, capacity=capacity, **options)
+    if backend == "trt":
+        if engine is None:
+            raise UserError("the trt backend needs --engine DIR (made by `sc2deploy build`)")
+        from sc2deploy.runtime.tensorrt import TrtRuntime
+
+        return TrtRuntime(engine, max_batch=max_batch, capacity=capacity, **options)
+    raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Runtime", "open_runtime"]

@@ -1,0 +1,50 @@
+"""The `sc2deploy` command: parse, call, print. Each subcommand lives in sc2deploy/commands/."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sc2deploy import __version__
+from sc2deploy.errors import UserError
+
+# name -> module in sc2deploy.commands; each module has `register(subparsers)` setting `func`.
+COMMANDS = ["info", "checkpoint", "generate", "export", "parity", "serve", "complete", "build", "selftest"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sc2deploy",
+        description="Deploy StarCoder2 (3b, 7b, 15b): reference model, ONNX export, TensorRT engines, "
+                    "gRPC completion service, and parity checks of every runtime against the eager model.",
+        epilog="Run `sc2deploy COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"sc2deploy {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"sc2deploy.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"sc2deploy.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except UserError as e:
+        print(f"sc2deploy {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"sc2deploy {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""sc2deploy checkpoint: write a random-weight Hugging Face checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sc2deploy.checkpoint import RandomSource, write_checkpoint
+from sc2deploy.commands.common import add_dtype, add_size, progress_bar
+from sc2deploy.config import preset
+from sc2deploy.errors import UserError
+from sc2deploy.tokenizer import packaged_tokenizer_path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "checkpoint", help="write a random-weight Hugging Face checkpoint for a size preset",
+        description="Write config.json, model.safetensors (sharded at 5 GB with an index, like transformers) and "
+                    "tokenizer.json for a size preset, with deterministic random weights. Weights are generated "
+                    "and written block by block, so peak memory does not grow with the model; the folder "
+                    "appears only when complete.")
+    add_size(p, required=True)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist or be empty)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_dtype(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    config = preset(args.size)
+    if args.dtype not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"unknown dtype {args.dtype!r}; choose one of fp32, fp16, bf16")
+    source = RandomSource(config, args.seed)
+    with progress_bar(config.weight_bytes(args.dtype), f"writing {args.size}") as bar:
+        out = write_checkpoint(source, Path(args.out), args.dtype, packaged_tokenizer_path(), progress=bar.update)
+    print(f"wrote {out} ({config.weight_bytes(args.dtype) / 1e9:.2f} GB of {args.dtype} weights, seed {args.seed})")
+    return 0
