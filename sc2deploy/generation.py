@@ -76,11 +76,13 @@ class Sequence:
 
     def _release(self, final: bool) -> str:
         if self.params.stop:
-            cut, stop = find_stop(self.text, self.params.stop)
+            # Text up to `emitted` never ends in a partial stop (it was held back), so a stop starts after it.
+            cut, stop = find_stop(self.text[self.emitted:], self.params.stop)
             if stop is not None:
-                self.text, self.finish_reason, final = cut, FINISH_STOP, True
-        end = len(self.text) if final or not self.params.stop else len(self.text) - stop_holdback(self.text, self.params.stop)
-        end = max(end, self.emitted)
+                self.text, self.finish_reason, final = self.text[:self.emitted] + cut, FINISH_STOP, True
+        end = len(self.text)
+        if self.params.stop and not final:
+            end = max(end - stop_holdback(self.text[self.emitted:], self.params.stop), self.emitted)
         delta, self.emitted = self.text[self.emitted:end], end
         return delta
 

@@ -70,12 +70,10 @@ def run(args) -> int:
         raise UserError("--greedy and --temperature > 0 contradict each other; give one")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(validate_text(s, "--stop") for s in args.stop))
-    folder = args.checkpoint or args.artifact or args.engine
-    tokenizer = Tokenizer.load(folder)
+    source = open_source(args.checkpoint, args.size, args.weights_seed, notice) if args.backend == "eager" else None
+    tokenizer = Tokenizer.load(args.checkpoint or args.artifact or args.engine)
     ids = prompt_ids(args, tokenizer)
-    source = None
-    if args.backend == "eager":
-        source = open_source(args.checkpoint, args.size, args.weights_seed, notice)
+    if source is not None:
         check_fits(len(ids), params.max_new_tokens, source.config.max_position_embeddings)
     options = {"threads": args.threads} if args.threads else {}
     runtime = open_runtime(args.backend, source=source, artifact=args.artifact, engine=args.engine, dtype=args.dtype,

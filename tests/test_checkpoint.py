@@ -1,0 +1,131 @@
+"""Checkpoints: random ones written streamed and deterministic; loading fails loudly, naming the tensor."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sc2deploy.checkpoint import CheckpointSource, RandomSource, load_model, write_checkpoint
+from sc2deploy.config import preset
+from sc2deploy.errors import UserError
+
+
+def test_random_checkpoint_round_trips_and_is_deterministic(tmp_path):
+    config = preset("tiny")
+    a = write_checkpoint(RandomSource(config, seed=7), tmp_path / "a", "fp32")
+    b = write_checkpoint(RandomSource(config, seed=7), tmp_path / "b", "fp32")
+    c = write_checkpoint(RandomSource(config, seed=8), tmp_path / "c", "fp32")
+    ta, tb, tc = (load_file(d / "model.safetensors") for d in (a, b, c))
+    assert set(ta) == set(config.tensor_shapes())
+    assert all(torch.equal(ta[n], tb[n]) for n in ta)
+    assert not torch.equal(ta["model.embed_tokens.weight"], tc["model.embed_tokens.weight"])
+    source = CheckpointSource(a)
+    assert source.config == config
+    assert torch.equal(source.get("lm_head.weight", "fp32"), RandomSource(config, 7).get("lm_head.weight", "fp32"))
+
+
+def test_transformers_loads_our_checkpoint_and_agrees(tmp_path):
+    from transformers import Starcoder2ForCausalLM
+
+    folder = write_checkpoint(RandomSource(preset("tiny"), seed=1), tmp_path / "ck", "fp32")
+    hf = Starcoder2ForCausalLM.from_pretrained(folder).eval()
+    model = load_model(CheckpointSource(folder))
+    ids = torch.randint(0, 49152, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got, _ = model(ids, torch.ones_like(ids), model.empty_cache(1, 0))
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    config = preset("tiny")
+    folder = write_checkpoint(RandomSource(config, seed=3), tmp_path / "ck", "bf16", shard_bytes=2_000_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    source = CheckpointSource(folder)
+    got = source.get("model.norm.bias", "fp32")
+    assert got.dtype == torch.float32
+    assert torch.equal(got, RandomSource(config, 3).get("model.norm.bias", "bf16").float())
+
+
+def test_cast_on_read(tmp_path):
+    folder = write_checkpoint(RandomSource(preset("tiny"), seed=0), tmp_path / "ck", "fp32")
+    assert CheckpointSource(folder).get("model.embed_tokens.weight", "fp16").dtype == torch.float16
+
+
+def _rewrite(folder, mutate):
+    tensors = load_file(folder / "model.safetensors")
+    mutate(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "fp32")
+    _rewrite(folder, lambda t: t.pop("model.layers.1.mlp.c_fc.bias"))
+    with pytest.raises(UserError, match=r"no tensor model\.layers\.1\.mlp\.c_fc\.bias"):
+        CheckpointSource(folder)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "fp32")
+    _rewrite(folder, lambda t: t.update({"model.norm.weight": torch.zeros(63)}))
+    with pytest.raises(UserError, match=r"model\.norm\.weight .*shape \[63\], expected \[64\]"):
+        CheckpointSource(folder)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "fp32")
+    _rewrite(folder, lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
+    with pytest.raises(UserError, match=r"unexpected tensor model\.extra\.weight"):
+        CheckpointSource(folder)
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "fp32")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        CheckpointSource(folder)
+    path.write_bytes(struct.pack("<Q", 10) + b"not json!!")
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        CheckpointSource(folder)
+    path.unlink()
+    with pytest.raises(UserError, match="no model.safetensors"):
+        CheckpointSource(folder)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "fp32")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(UserError, match="safetensors only"):
+        CheckpointSource(folder)
+
+
+def test_writer_refuses_non_empty_folder_and_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        write_checkpoint(RandomSource(preset("tiny")), out, "fp32")
+
+    class Boom(RandomSource):
+        def blocks(self, name):
+            if name.startswith("model.layers.1"):
+                raise KeyboardInterrupt
+            yield from super().blocks(name)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(Boom(preset("tiny")), tmp_path / "partial", "fp32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_streamed_writer_peak_memory_is_bounded(tmp_path):
+    """Writing the 7b preset's largest tensor never materialises it whole (blocks of 4M elements)."""
+    source = RandomSource(preset("7b"))
+    sizes = {b.numel() for _, b in source.blocks("model.embed_tokens.weight")}
+    assert max(sizes) <= 1 << 22
