@@ -84,7 +84,7 @@ class CheckpointSource(TensorSource):
             if tuple(entry["shape"]) != shape:
                 raise UserError(f"tensor {name} in {self._file_of[name].name} has shape {entry['shape']}, "
                                 f"expected {list(shape)} from config.json; the weights and config do not match")
-        ignorable = ("rotary_emb.inv_freq",)
+        ignorable: tuple[str, ...] = ("rotary_emb.inv_freq",)
         if self.config.tie_word_embeddings:
             ignorable += ("lm_head.weight",)  # some tied checkpoints still store the head
         unexpected = [n for n in self._file_of if n not in expected and not n.endswith(ignorable)]

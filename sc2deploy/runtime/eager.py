@@ -33,15 +33,15 @@ class EagerRuntime(Runtime):
 
     @torch.inference_mode()
     def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
-        for slot, ids in enumerate(prompts):
-            self._check_prefill(slot, ids)
+        for slot, prompt in enumerate(prompts):
+            self._check_prefill(slot, prompt)
         longest = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), longest, dtype=torch.int64)
+        batch = torch.zeros(len(prompts), longest, dtype=torch.int64)
         for row, p in enumerate(prompts):
-            ids[row, :len(p)] = torch.tensor(list(p))
+            batch[row, :len(p)] = torch.tensor(list(p))
         lengths = torch.tensor([len(p) for p in prompts])
         mask = (torch.arange(longest)[None, :] < lengths[:, None]).to(torch.int64)
-        logits = self._run(ids, mask, slice(0, len(prompts)), fresh=True)
+        logits = self._run(batch, mask, slice(0, len(prompts)), fresh=True)
         for slot, p in enumerate(prompts):
             self._lengths[slot] = len(p)
         return [logits[row, :len(p)] for row, p in enumerate(prompts)]

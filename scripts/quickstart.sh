@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up, then run the main job on an embedded default: a random `tiny` StarCoder2 checkpoint
+# (the real 49,152-token vocabulary) -> generation with the eager reference model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+work=${SC2DEPLOY_DEMO_DIR:-out/quickstart}
+rm -rf "$work" && mkdir -p "$work"
+sc2deploy checkpoint --size tiny --out "$work/checkpoint"
+sc2deploy generate --checkpoint "$work/checkpoint" --fim-prefix $'def fibonacci(n):\n    ' --fim-suffix $'\n    return a\n' --max-new-tokens 24 --json
