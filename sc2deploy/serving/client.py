@@ -1,0 +1,73 @@
+"""A small client for the completion service (used by `sc2deploy complete`, the tests and the benchmark)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sc2deploy.serving.v1 import completion_pb2 as pb
+from sc2deploy.serving.v1 import completion_pb2_grpc as pb_grpc
+
+FINISH_NAMES = {pb.FINISH_REASON_UNSPECIFIED: "unspecified", pb.FINISH_REASON_LENGTH: "length",
+                pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
+
+
+def make_request(prompt: str, suffix: str = "", *, max_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float | None = None, top_k: int = 0, seed: int | None = None, stop=(), logprobs: int = 0,
+                 repo_name: str = "", file_path: str = "", context_files=()) -> pb.CompleteRequest:
+    """A CompleteRequest; None leaves an optional field unset (the server's default)."""
+    request = pb.CompleteRequest(prompt=prompt, suffix=suffix, temperature=temperature, top_k=top_k,
+                                 stop=list(stop), logprobs=logprobs, repo_name=repo_name, file_path=file_path,
+                                 context_files=[pb.ContextFile(path=p, content=c) for p, c in context_files])
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    if top_p is not None:
+        request.top_p = top_p
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+class Client:
+    def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
+                 api_key: str | None = None, max_message_bytes: int = 4 << 20, server_name: str | None = None):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if tls or root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+        self.stub = pb_grpc.CompletionServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def complete(self, request: pb.CompleteRequest, timeout: float | None = None) -> pb.CompleteResponse:
+        return self.stub.Complete(request, timeout=timeout, metadata=self.metadata)
+
+    def stream(self, request: pb.CompleteRequest, timeout: float | None = None) -> Iterator[pb.CompleteChunk]:
+        """The streaming call; it is also a grpc.Future: `.cancel()` stops the generation on the server."""
+        return self.stub.CompleteStream(request, timeout=timeout, metadata=self.metadata)
+
+    def info(self, timeout: float | None = 10.0) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self.metadata)
+
+    def health(self, service: str = "", timeout: float | None = 10.0) -> str:
+        """SERVING, NOT_SERVING, ... as a name."""
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

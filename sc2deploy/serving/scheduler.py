@@ -1,0 +1,273 @@
+"""Continuous batching over any Runtime: one engine thread owns the runtime and its cache slots.
+
+Policy, one iteration of the engine loop:
+  1. reap   - running sequences whose client cancelled or whose deadline passed leave now, freeing
+              their slot (so a cancel takes effect within one decode step); so do such waiting requests;
+  2. admit  - waiting requests take free slots (lowest slot first), first come first served; each is
+              prefilled and yields its first token at once. Prefill is bounded to `prefill_tokens`
+              prompt tokens per iteration (at least one request), so a burst of new prompts delays the
+              running streams by about one budget's worth of prefill per step instead of starving them;
+  3. decode - one runtime.decode step for every running sequence together; each sequence accepts its
+              logits, its new text goes to its client, and finished sequences leave at once.
+Requests wait in a bounded queue (`max_queue`); a full queue is refused (RESOURCE_EXHAUSTED).
+Each request owns its Sequence and seeded Sampler, so its tokens do not depend on what else runs.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from sc2deploy.generation import FINISH_CANCELLED, FINISH_STOP, Sequence
+from sc2deploy.runtime.base import Runtime
+from sc2deploy.serving.jobs import Job
+from sc2deploy.serving.metrics import Metrics
+from sc2deploy.tokenizer import Tokenizer
+
+log = logging.getLogger("sc2deploy.serving")
+
+DEADLINE = "deadline"  # Finished.reason when the request's deadline passed (not a Sequence finish reason)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class Step:
+    """Output of one engine step for one request: new text, new tokens and their logprobs."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]]  # (token, logprob, top alternatives)
+
+
+@dataclass
+class Finished:
+    reason: str  # length, eos, stop, cancelled, deadline, error
+    stop_sequence: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""
+
+
+@dataclass(eq=False)
+class Request:
+    job: Job
+    seq: Sequence
+    deadline: float | None  # time.monotonic() value
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    id: int = 0
+    slot: int | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    last_token_at: float | None = None
+    cancelled: bool = False  # set by any thread; read by the engine each iteration
+    sent_ids: int = 0
+    sent_logprobs: int = 0
+
+    def cancel(self) -> None:
+        """Stop this generation (client gone); the engine frees its slot before its next decode step."""
+        self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def next_event(self, timeout: float | None = None) -> Step | Finished | None:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class Scheduler:
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, max_queue: int = 64, prefill_tokens: int = 512,
+                 metrics: Metrics | None = None):
+        self.runtime, self.tokenizer = runtime, tokenizer
+        self.max_batch, self.max_queue, self.prefill_tokens = runtime.max_batch, max_queue, max(prefill_tokens, 1)
+        self.metrics = metrics or Metrics()
+        self._lock = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: dict[int, Request] = {}  # slot -> request; engine thread only
+        self._free = list(range(self.max_batch))  # a heap: lowest free slot first
+        self._ids = itertools.count(1)
+        self._closed = False  # no new requests
+        self._stopped = False  # engine loop ends
+        self._busy = 0  # requests waiting or running, for idle()/stats()
+        self._cancel_all = False
+        self._thread = threading.Thread(target=self._loop, name="sc2deploy-engine", daemon=True)
+        self._thread.start()
+
+    # ---- called from RPC threads ----
+    def submit(self, job: Job, deadline: float | None = None) -> Request:
+        seq = Sequence(self.tokenizer, list(job.prompt_ids), job.params, job.stop_ids, logprobs=job.logprobs)
+        request = Request(job, seq, deadline)
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if len(self._waiting) - len(self._free) >= self.max_queue:  # waiting beyond the free slots
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for "
+                                f"{self.max_batch} slots); retry later")
+            request.id = next(self._ids)
+            self._waiting.append(request)
+            self._busy += 1
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._lock.notify_all()
+        return request
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"waiting": len(self._waiting), "running": self._busy - len(self._waiting),
+                    "free_slots": len(self._free), "max_batch": self.max_batch}
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._busy == 0
+
+    def wait_idle(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._lock:
+            while self._busy:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.05))
+            return True
+
+    def close(self) -> None:
+        """Refuse new requests; the ones already in keep running."""
+        with self._lock:
+            self._closed = True
+
+    def cancel_all(self) -> None:
+        """End every request at the next step with finish reason `cancelled` (shutdown grace period over)."""
+        with self._lock:
+            self._cancel_all = True
+            self._lock.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.close()
+        self.cancel_all()
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        self._thread.join(timeout)
+
+    # ---- the engine thread ----
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._stopped and not self._waiting and not self._running:
+                    return
+            try:
+                self._reap()
+                self._admit()
+                if self._running:
+                    self._decode()
+            except Exception:  # a bug or a runtime failure: fail what is running, keep serving
+                log.exception("engine step failed; ending the running requests")
+                for slot in list(self._running):
+                    self._finish(self._running[slot], Finished("error", error="the engine failed on this request"))
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        if self._cancel_all:
+            with self._lock:
+                for request in list(self._waiting) + list(self._running.values()):
+                    request.cancel()
+        for request in list(self._running.values()):
+            if request.cancelled or request.expired(now):
+                self._end_early(request, now)
+        with self._lock:
+            gone = [r for r in self._waiting if r.cancelled or r.expired(now)]
+            for request in gone:
+                self._waiting.remove(request)
+        for request in gone:
+            self._end_early(request, now)
+
+    def _end_early(self, request: Request, now: float) -> None:
+        request.seq.cancel()
+        reason = DEADLINE if request.expired(now) else FINISH_CANCELLED
+        self._finish(request, Finished(reason))
+
+    def _admit(self) -> None:
+        budget = self.prefill_tokens
+        admitted = 0
+        while True:
+            with self._lock:
+                if not self._free or not self._waiting:
+                    break
+                request = self._waiting[0]
+                if admitted and admitted + len(request.job.prompt_ids) > budget:
+                    break
+                self._waiting.popleft()
+                request.slot = heapq.heappop(self._free)
+                self.metrics.queue_depth.set(len(self._waiting))
+            admitted += len(request.job.prompt_ids)
+            self._running[request.slot] = request
+            self.metrics.prompt_tokens.inc(len(request.job.prompt_ids))
+            try:
+                logits = self.runtime.prefill(request.slot, request.job.prompt_ids)
+            except Exception:
+                log.exception("prefill failed for request %d", request.id)
+                self._finish(request, Finished("error", error="prefill failed on this request"))
+                continue
+            self._deliver(request, request.seq.accept(logits))
+
+    def _decode(self) -> None:
+        slots = sorted(self._running)
+        tokens = [self._running[s].seq.last_token for s in slots]
+        start = time.perf_counter()
+        logits = self.runtime.decode(slots, tokens)
+        self.metrics.observe_step(len(slots), time.perf_counter() - start)
+        for row, slot in enumerate(slots):
+            request = self._running[slot]
+            self._deliver(request, request.seq.accept(logits[row]))
+
+    def _deliver(self, request: Request, text: str) -> None:
+        seq, now = request.seq, time.monotonic()
+        ids = seq.output_ids[request.sent_ids:]
+        shown = min(len(seq.token_logprobs), len(seq.output_ids))  # logprobs of output tokens only
+        logprobs = [(seq.output_ids[i], *seq.token_logprobs[i]) for i in range(request.sent_logprobs, shown)]
+        request.sent_ids, request.sent_logprobs = len(seq.output_ids), shown
+        if request.last_token_at is None:
+            self.metrics.time_to_first_token.observe(now - request.submitted)
+        else:
+            self.metrics.inter_token_latency.observe(now - request.last_token_at)
+        request.last_token_at = now
+        self.metrics.tokens.inc(len(ids))
+        if text or ids:
+            request.events.put(Step(text, ids, logprobs))
+        if seq.done:
+            self._finish(request, Finished(seq.finish_reason or "length", self._stop_sequence(seq)))
+
+    def _stop_sequence(self, seq: Sequence) -> str:
+        if seq.finish_reason != FINISH_STOP:
+            return ""
+        full = self.tokenizer.decode(seq.output_ids)
+        found = [s for s in seq.params.stop if full.startswith(s, len(seq.text))]
+        return max(found, key=len, default="")
+
+    def _finish(self, request: Request, finished: Finished) -> None:
+        finished.prompt_tokens = len(request.job.prompt_ids)
+        finished.completion_tokens = len(request.seq.output_ids)
+        if request.slot is not None:
+            del self._running[request.slot]
+            with self._lock:
+                heapq.heappush(self._free, request.slot)
+            request.slot = None
+            self.metrics.running.set(len(self._running))
+        request.events.put(finished)
+        with self._lock:
+            self._busy -= 1
+            self._lock.notify_all()
