@@ -225,6 +225,7 @@ class CompletionServer:
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port: int | None = None
         self._metrics_http = None
+        self.metrics_port: int | None = None
 
     def start(self) -> int:
         o = self.options
@@ -238,10 +239,11 @@ class CompletionServer:
             raise UserError(f"cannot listen on {address}: the port is taken or the host is not local")
         if o.metrics_port is not None:
             self._metrics_http = self.metrics.serve(o.metrics_port, o.metrics_host)
+            self.metrics_port = self._metrics_http[0].server_port
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s (port %d)", SERVICE, address, self.port)
+        log.info("serving %s on %s:%d", SERVICE, o.host, self.port)
         return self.port
 
     def stop(self, grace: float = 10.0) -> None:

@@ -1,0 +1,167 @@
+"""sc2deploy serve: the gRPC completion service over any runtime, with continuous batching."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from sc2deploy.commands.common import add_dtype, add_weights, check_choice, notice, positive_int
+from sc2deploy.errors import UserError
+from sc2deploy.runtime import BACKENDS
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve completions over gRPC (streaming, FIM, continuous batching)",
+        description="Serve StarCoder2 completions over gRPC: the sc2deploy.v1.CompletionService (Complete, "
+                    "CompleteStream, GetModelInfo), the standard grpc.health.v1 health service and server "
+                    "reflection. Concurrent requests share decode steps (continuous batching over --max-batch "
+                    "cache slots); up to --max-queue more wait for a slot, beyond that requests are refused with "
+                    "RESOURCE_EXHAUSTED. On SIGTERM the server reports NOT_SERVING, stops accepting, lets "
+                    "in-flight requests finish for --grace seconds, then exits 0. The weights come from an "
+                    "export --artifact (ort), an --engine (trt), a --checkpoint or a --size preset (eager, "
+                    "random weights).",
+        epilog="examples:\n"
+               "  sc2deploy serve --size tiny --backend eager --port 50051\n"
+               "  sc2deploy serve --artifact out/3b-ort --backend ort --max-batch 16 --metrics-port 9090 \\\n"
+               "      --tls-cert server.crt --tls-key server.key --api-key-file keys.txt\n"
+               "then: sc2deploy complete --server localhost:50051 'def fib(n):'",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    weights = p.add_argument_group("model")
+    add_weights(weights, seed_flag="--weights-seed")
+    weights.add_argument("--artifact", metavar="DIR", help="export artifact folder (for --backend ort)")
+    weights.add_argument("--engine", metavar="DIR", help="TensorRT engine folder (for --backend trt)")
+    weights.add_argument("--backend", metavar="NAME",
+                         help=f"runtime: {', '.join(BACKENDS)} (default: ort with --artifact, trt with --engine, "
+                              "else eager)")
+    add_dtype(weights)
+    weights.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of the runtime (default: all)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; [::] for IPv6)")
+    net.add_argument("--port", type=non_negative_int, default=50051,
+                     help="port (default 50051; 0 picks a free one, printed on stderr)")
+    net.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain; with --tls-key, serve TLS only")
+    net.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    net.add_argument("--api-key-file", metavar="FILE",
+                     help="require an API key (one accepted key per line); clients send `authorization: Bearer KEY` "
+                          "or `x-api-key: KEY`; the health service stays open")
+    net.add_argument("--metrics-port", type=non_negative_int, metavar="N",
+                     help="serve Prometheus metrics on http://HOST:N/metrics")
+    net.add_argument("--max-message-mb", type=positive_int, default=4, metavar="MB",
+                     help="largest request or response message (default 4 MiB)")
+    sched = p.add_argument_group("batching and limits")
+    sched.add_argument("--max-batch", type=positive_int, default=8, metavar="N",
+                       help="sequences decoded together, i.e. KV-cache slots (default 8)")
+    sched.add_argument("--max-queue", type=non_negative_int, default=64, metavar="N",
+                       help="requests that may wait for a slot before RESOURCE_EXHAUSTED (default 64)")
+    sched.add_argument("--prefill-tokens", type=positive_int, default=512, metavar="N",
+                       help="prompt tokens prefilled per engine step at most (one request always fits); bounds "
+                            "how long a burst of new prompts delays running streams (default 512)")
+    sched.add_argument("--context", type=positive_int, metavar="N",
+                       help="prompt + max_tokens limit per request (default: the model's context); a smaller one "
+                            "shrinks each slot's KV cache when the model's window is larger")
+    sched.add_argument("--default-max-tokens", type=positive_int, default=128, metavar="N",
+                       help="max_tokens of requests that leave it unset (default 128)")
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may take to finish (default 10)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="log level on stderr (default info)")
+    p.set_defaults(func=run)
+
+
+def open_model(args):
+    """(runtime, tokenizer, source description) for the serve arguments."""
+    from sc2deploy.checkpoint import open_source
+    from sc2deploy.config import Config
+    from sc2deploy.runtime import open_runtime
+    from sc2deploy.tokenizer import Tokenizer
+
+    backend = args.backend or ("ort" if args.artifact else "trt" if args.engine else "eager")
+    check_choice(backend, BACKENDS, "backend")
+    folder = args.checkpoint if backend == "eager" else args.artifact if backend == "ort" else args.engine
+    source = None
+    if backend == "eager":
+        source = open_source(args.checkpoint, args.size, args.weights_seed, notice)
+        config = source.config
+        where = args.checkpoint or f"--size {args.size} (random weights, seed {args.weights_seed})"
+    else:
+        if folder is None:
+            raise UserError(f"the {backend} backend needs --{'artifact' if backend == 'ort' else 'engine'} DIR")
+        config = Config.load(folder) if (Path(folder) / "config.json").is_file() else None
+        where = folder
+    capacity = config.cache_positions(args.context) if config is not None else None
+    options = {"threads": args.threads} if args.threads else {}
+    if backend == "eager":
+        options["dtype"] = args.dtype
+    runtime = open_runtime(backend, source=source, artifact=args.artifact, engine=args.engine,
+                           max_batch=args.max_batch, capacity=capacity, **options)
+    return runtime, Tokenizer.load(folder), where
+
+
+def run(args) -> int:
+    try:
+        import grpc  # noqa: F401
+        import grpc_health  # noqa: F401
+        import grpc_reflection  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"serving needs the `serve` extra ({e.name} is missing): pip install 'sc2deploy[serve]'")
+    from sc2deploy.serving.auth import read_api_keys
+    from sc2deploy.serving.server import CompletionServer, ServerOptions
+
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UserError("--tls-cert and --tls-key go together")
+    if args.grace < 0:
+        raise UserError(f"--grace must be >= 0 seconds, got {args.grace}")
+    options = ServerOptions(
+        host=args.host, port=args.port, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
+        context_length=args.context, default_max_tokens=args.default_max_tokens,
+        max_message_bytes=args.max_message_mb << 20, metrics_port=args.metrics_port,
+        tls_cert=_read(args.tls_cert, "--tls-cert"), tls_key=_read(args.tls_key, "--tls-key"),
+        api_keys=read_api_keys(args.api_key_file) if args.api_key_file else None)
+    runtime, tokenizer, where = open_model(args)
+    options.source = where
+    server = CompletionServer(runtime, tokenizer, options)
+    port = server.start()
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    scheme = "TLS" if options.tls_cert else "plaintext"
+    notice(f"sc2deploy serve: listening on {args.host}:{port} ({scheme}; {runtime.name} {runtime.dtype}, "
+           f"max batch {runtime.max_batch}, queue {args.max_queue}, context {server.limits.context_length}"
+           + (f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else "") + ")")
+    while not stop.wait(0.5):
+        pass
+    notice(f"sc2deploy serve: shutting down (grace {args.grace:g} s)")
+    server.stop(args.grace)
+    notice("sc2deploy serve: stopped")
+    return 0
+
+
+def _read(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {flag} {path} ({e.strerror})") from None
