@@ -1,0 +1,87 @@
+"""export_artifact: a TensorSource -> an artifact folder (model.onnx + external data, genai files, manifest)."""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from sc2deploy.checkpoint import CheckpointSource, RandomSource, TensorSource
+from sc2deploy.config import PRESETS
+from sc2deploy.export.artifact import check_destination, staging_folder
+from sc2deploy.export.targets import check_target
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", target: str = "ort", *,
+                    force: bool = False, progress: Callable[[int], None] | None = None,
+                    on_total: Callable[[int], None] | None = None, check: bool = True) -> Path:
+    """Export the reference model with `source`'s weights to the folder `out`; returns `out`.
+
+    `on_total(n)` is called once the number of weight bytes `progress` will report is known.
+    `check` runs onnx.checker (full_check) on the written model before the folder is renamed into place.
+    """
+    import onnx
+
+    from sc2deploy.export.genai import write_genai_files
+    from sc2deploy.export.graph import IR_VERSION, OPSET, build_graph
+    from sc2deploy.export.manifest import write_manifest
+    from sc2deploy.export.weights import DATA_FILE, weights_bytes, write_weights
+
+    config = source.config
+    check_target(target, dtype, config)
+    out = Path(out)
+    check_destination(out, force)  # fail before the slow part
+    graph = build_graph(config, dtype, target)
+    if on_total:
+        on_total(weights_bytes(graph))
+    with staging_folder(out, force) as tmp:
+        written = write_weights(graph, source, tmp, progress)
+        graph.model.graph.initializer.extend(written.tensors)
+        onnx.save_model(graph.model, str(tmp / MODEL_FILE))
+        if check:
+            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        if target == "ort":
+            write_genai_files(tmp, config, MODEL_FILE)
+        shutil.copyfile(_tokenizer_json(source), tmp / TOKENIZER_FILE)
+        g = graph.model.graph
+        body = {
+            "config": config.to_hf_dict(),
+            "dtype": dtype,
+            "target": target,
+            "source": source_info(source),
+            "graph": {
+                "file": MODEL_FILE, "external_data": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
+                "attention": _attention_description(config, target),
+                "sliding_window_cache": bool(config.sliding_window) and target == "ort",
+                "inputs": [v.name for v in g.input], "outputs": [v.name for v in g.output],
+            },
+        }
+        write_manifest(tmp, body, known_sha256={DATA_FILE: written.data_sha256})
+    return out
+
+
+def source_info(source: TensorSource) -> dict:
+    if isinstance(source, CheckpointSource):
+        return {"kind": "checkpoint", "path": str(source.folder.resolve()), "sha256": source.file_hashes()}
+    if isinstance(source, RandomSource):
+        preset = next((name for name, c in PRESETS.items() if c == source.config), None)
+        return {"kind": "random", "seed": source.seed, "preset": preset}
+    return {"kind": type(source).__name__, "description": source.description}
+
+
+def _tokenizer_json(source: TensorSource) -> Path:
+    from sc2deploy.tokenizer import packaged_tokenizer_path
+
+    if isinstance(source, CheckpointSource) and (source.folder / TOKENIZER_FILE).is_file():
+        return source.folder / TOKENIZER_FILE
+    return packaged_tokenizer_path()
+
+
+def _attention_description(config, target: str) -> str:
+    if target == "trt":
+        return "trt.plugins::SlidingWindowGQA (plugin_namespace sc2deploy, plugin_version 1)"
+    if config.sliding_window:
+        return "com.microsoft::GroupQueryAttention (sliding_window_cache=1, query_seqlens)"
+    return "com.microsoft::GroupQueryAttention"

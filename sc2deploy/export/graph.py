@@ -1,0 +1,122 @@
+"""The export graph: the reference model traced on the meta device by torch.onnx's dynamo exporter.
+
+Tracing on "meta" allocates no weights, so any size traces in seconds and a few hundred MB.
+The exporter's graph is then tidied into the artifact's graph (rewrite.py), and each of its
+initializers becomes an `InitializerSpec`: where its bytes come from (a checkpoint tensor or
+the RoPE tables), in which dtype and layout. weights.py streams them into external data.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+from sc2deploy.config import Config, torch_dtype
+from sc2deploy.export.nodes import attention_translation
+
+OPSET = 20  # Gelu(approximate="tanh") needs opset 20
+IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime-gpu 1.31 loads at most 13 (FACTS §2)
+# Example sizes for tracing: all different and >= 2, so that no dynamic dimension is specialised.
+EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 3, 5
+
+
+@dataclass(frozen=True)
+class InitializerSpec:
+    """One initializer of the graph and the recipe for its bytes."""
+
+    name: str  # in the graph
+    origin: str  # a TensorSource tensor name, or "cos_cache" / "sin_cache"
+    dtype: str  # fp32 / fp16 / bf16, as stored
+    shape: tuple[int, ...]  # as stored
+    transpose: bool = False  # stored as origin.T (MatMul weights: [in, out])
+
+    @property
+    def nbytes(self) -> int:
+        n = {"fp32": 4, "fp16": 2, "bf16": 2}[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ExportGraph:
+    model: object  # onnx.ModelProto with no initializers: weights.py adds them
+    initializers: list[InitializerSpec]
+
+
+def trace_model(config: Config, dtype: str, target: str):
+    """The reference model traced by torch.onnx.export(dynamo=True): an onnx_ir Model with meta initializers."""
+    import torch
+
+    from sc2deploy.model import Starcoder2
+
+    with torch.device("meta"):
+        model = Starcoder2(config).to(torch_dtype(dtype)).eval()
+    # The contract keeps the RoPE tables in float32 whatever the activation dtype.
+    model.cos_cache = model.cos_cache.float()
+    model.sin_cache = model.sin_cache.float()
+
+    b, s, p = EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST
+    kv_shape = (b, config.num_key_value_heads, p, config.head_dim)
+    with torch.device("meta"):
+        input_ids = torch.zeros(b, s, dtype=torch.int64)
+        attention_mask = torch.ones(b, p + s, dtype=torch.int64)
+        past = [(torch.zeros(kv_shape, dtype=torch_dtype(dtype)), torch.zeros(kv_shape, dtype=torch_dtype(dtype)))
+                for _ in range(config.num_hidden_layers)]
+    dim = torch.export.Dim
+    batch, sequence = dim("batch"), dim("sequence")
+    total, past_sequence = dim("total_sequence"), dim("past_sequence")
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: sequence},
+        "attention_mask": {0: batch, 1: total},
+        "past_key_values": [({0: batch, 2: past_sequence}, {0: batch, 2: past_sequence}) for _ in past],
+    }
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            model, (input_ids, attention_mask, past), dynamo=True, optimize=False, verbose=False,
+            opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+            custom_translation_table=attention_translation(config, dtype, target))
+    return program.model
+
+
+def build_graph(config: Config, dtype: str, target: str) -> ExportGraph:
+    """Trace, then tidy: I/O names, folded weight layouts, IR version (see rewrite.py)."""
+    import onnx_ir as ir
+
+    from sc2deploy.export.rewrite import finish_graph
+
+    traced = trace_model(config, dtype, target)
+    graph = traced.graph
+    traced_initializers = {}
+    for name in list(graph.initializers):
+        value = graph.initializers.pop(name)
+        traced_initializers[name] = (_dtype_name(value.dtype), tuple(int(d) for d in value.shape))
+    proto = ir.to_proto(traced)
+    return finish_graph(proto, traced_initializers, config, target)
+
+
+def _dtype_name(dtype) -> str:
+    import onnx_ir as ir
+
+    names = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
+    if dtype not in names:
+        raise AssertionError(f"unexpected initializer dtype {dtype} in the traced graph")
+    return names[dtype]
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress lines and warnings meant for interactive debugging."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

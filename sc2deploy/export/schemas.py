@@ -1,0 +1,84 @@
+"""ONNX schemas of the two attention nodes an export writes, registered with onnx on first use.
+
+The dynamo exporter (through onnxscript) refuses to emit a node whose schema onnx does not
+know, and onnx's checker validates nodes of registered domains against these schemas, so
+they list exactly the inputs, outputs and attributes the export uses:
+
+* `com.microsoft::GroupQueryAttention`, the subset of ONNX Runtime's contrib op we emit
+  (inputs in ONNX Runtime's order, with the optional ones up to `query_seqlens`);
+* `trt.plugins::SlidingWindowGQA`, the TensorRT plugin node: the contract's nine inputs
+  (attention.py) and the attributes the plugin needs.
+"""
+from __future__ import annotations
+
+GQA_DOMAIN, GQA_OP = "com.microsoft", "GroupQueryAttention"
+PLUGIN_DOMAIN, PLUGIN_OP = "trt.plugins", "SlidingWindowGQA"
+PLUGIN_NAMESPACE, PLUGIN_VERSION = "sc2deploy", "1"
+
+GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+              "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
+              "q_norm_weight", "k_norm_weight", "query_seqlens")
+CONTRACT_INPUTS = GQA_INPUTS[:9]
+OUTPUTS = ("output", "present_key", "present_value")
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+_INT_TYPES = ["tensor(int32)"]
+
+
+def _type_of(name: str) -> str:
+    if name in ("seqlens_k", "total_sequence_length", "query_seqlens"):
+        return "M"
+    if name == "position_ids":
+        return "I"
+    if name in ("k_scale", "v_scale"):
+        return "S"
+    if name in ("cos_cache", "sin_cache"):
+        return "R"
+    return "T"
+
+
+def register_schemas() -> None:
+    """Register both schemas with onnx unless already known (idempotent, process-wide)."""
+    import onnx.defs as defs
+
+    schema = defs.OpSchema
+    required = schema.FormalParameterOption.Single
+    optional = schema.FormalParameterOption.Optional
+    int_attr = schema.AttrType.INT
+    float_attr = schema.AttrType.FLOAT
+    string_attr = schema.AttrType.STRING
+
+    def attrs(ints=(), floats=(), strings=()):
+        return ([schema.Attribute(n, int_attr, required=False) for n in ints]
+                + [schema.Attribute(n, float_attr, required=False) for n in floats]
+                + [schema.Attribute(n, string_attr, required=False) for n in strings])
+
+    def known(op: str, domain: str) -> bool:
+        try:
+            defs.get_schema(op, 1, domain)
+            return True
+        except defs.SchemaError:
+            return False
+
+    outputs = [schema.FormalParameter(n, "T") for n in OUTPUTS]
+    if not known(GQA_OP, GQA_DOMAIN):
+        inputs = [schema.FormalParameter(n, "T" if _type_of(n) == "R" else _type_of(n),
+                                         param_option=required if n in ("query", "seqlens_k", "total_sequence_length")
+                                         else optional)
+                  for n in GQA_INPUTS]
+        defs.register_schema(schema(
+            GQA_OP, GQA_DOMAIN, 1, "ONNX Runtime's GroupQueryAttention (the subset sc2deploy emits).",
+            inputs=inputs, outputs=outputs,
+            type_constraints=[("T", FLOAT_TYPES, "activations and cache"), ("M", _INT_TYPES, "lengths"),
+                              ("I", ["tensor(int64)"], "positions"), ("S", ["tensor(float)"], "cache scales")],
+            attributes=attrs(ints=("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved",
+                                   "sliding_window_cache", "causal", "smooth_softmax"),
+                             floats=("scale", "softcap"))))
+    if not known(PLUGIN_OP, PLUGIN_DOMAIN):
+        inputs = [schema.FormalParameter(n, _type_of(n)) for n in CONTRACT_INPUTS]
+        defs.register_schema(schema(
+            PLUGIN_OP, PLUGIN_DOMAIN, 1, "sc2deploy's sliding-window GQA TensorRT plugin (contract: sc2deploy/attention.py).",
+            inputs=inputs, outputs=outputs,
+            type_constraints=[("T", FLOAT_TYPES, "activations and cache"), ("M", _INT_TYPES, "lengths"),
+                              ("R", ["tensor(float)"], "rotary tables, float32")],
+            attributes=attrs(ints=("num_heads", "kv_num_heads", "head_size", "local_window_size", "max_position_embeddings"),
+                             floats=("scale", "rope_theta"), strings=("plugin_namespace", "plugin_version"))))

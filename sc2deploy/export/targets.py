@@ -1,0 +1,36 @@
+"""What an export can be: the targets, the dtypes each accepts, and the names of the graph's I/O."""
+from __future__ import annotations
+
+from sc2deploy.config import DTYPE_BYTES, Config
+from sc2deploy.errors import UserError
+
+TARGETS = ("ort", "trt")
+TARGET_DTYPES = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16", "bf16")}
+
+# The names onnxruntime-genai and optimum use.
+INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
+# An extra input with a default of 0 (every position): k > 0 computes the logits of the last k positions only.
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+def check_target(target: str, dtype: str, config: Config) -> None:
+    """Refuse combinations that cannot run, naming the reason and the fix."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} "
+                        "(ort: ONNX Runtime GroupQueryAttention, trt: the TensorRT SlidingWindowGQA plugin)")
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TARGET_DTYPES[target])} for --target {target}")
+    if dtype not in TARGET_DTYPES[target]:
+        raise UserError("ONNX Runtime has no CPU kernel for bf16 GroupQueryAttention, so --target ort exports fp32 "
+                        "or fp16; bf16 is for --target trt")
+    if target == "ort" and config.head_dim % 16:
+        raise UserError(f"head_dim={config.head_dim}: ONNX Runtime's GroupQueryAttention needs a head size that is a "
+                        "multiple of 16 (StarCoder2 uses 128); use --target trt for this config")

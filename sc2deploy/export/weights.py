@@ -1,0 +1,132 @@
+"""Stream the graph's initializers from a TensorSource into one external-data file.
+
+One source tensor is in memory at a time (plus a chunk of its transpose), so peak memory is
+bounded by the largest tensor, not the model. Tensors under INLINE_BYTES stay inside
+model.onnx (external data for tiny tensors breaks loading, FACTS §2); the others are written
+at offsets aligned to ALIGNMENT bytes (page-aligned, so ONNX Runtime can map them), and the
+file's sha256 is computed while writing, so the manifest never re-reads it.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sc2deploy.config import Config, torch_dtype
+from sc2deploy.export.graph import ExportGraph, InitializerSpec
+from sc2deploy.export.nodes import ONNX_DTYPES
+
+DATA_FILE = "model.onnx.data"
+INLINE_BYTES = 1024
+ALIGNMENT = 4096
+CHUNK_BYTES = 32 << 20  # transposes are written in chunks of about this size
+
+
+@dataclass
+class WrittenWeights:
+    tensors: list  # onnx.TensorProto, external or inline, in graph order
+    data_sha256: str
+    data_bytes: int
+
+
+def write_weights(graph: ExportGraph, source, folder: Path,
+                  progress: Callable[[int], None] | None = None) -> WrittenWeights:
+    """Write every initializer of `graph`; returns the TensorProtos that reference the data file."""
+    groups = _group_by_origin(graph.initializers, source.names())
+    protos: dict[str, object] = {}
+    digest = hashlib.sha256()
+    with open(folder / DATA_FILE, "wb") as f:
+        writer = _AlignedWriter(f, digest)
+        for origin, specs in groups:
+            tensor = _load(origin, specs[0].dtype, source, source.config)
+            for spec in specs:
+                data = tensor if tensor.dtype == torch_dtype(spec.dtype) else tensor.to(torch_dtype(spec.dtype))
+                stored = tuple(data.shape[::-1]) if spec.transpose else tuple(data.shape)
+                if stored != spec.shape:
+                    raise AssertionError(f"{spec.name}: source tensor {origin} has shape {tuple(data.shape)}, "
+                                         f"the graph stores {spec.shape}")
+                if spec.nbytes < INLINE_BYTES:
+                    protos[spec.name] = _inline_proto(spec, _chunks(data, spec.transpose))
+                else:
+                    offset = writer.start_tensor()
+                    for chunk in _chunks(data, spec.transpose):
+                        writer.write(chunk)
+                        if progress:
+                            progress(len(chunk))
+                    protos[spec.name] = _external_proto(spec, offset, spec.nbytes)
+            del tensor
+        size = writer.position
+    ordered = [protos[s.name] for s in graph.initializers]
+    return WrittenWeights(ordered, digest.hexdigest(), size)
+
+
+def weights_bytes(graph: ExportGraph) -> int:
+    """Bytes write_weights reports through `progress` (the external tensors)."""
+    return sum(s.nbytes for s in graph.initializers if s.nbytes >= INLINE_BYTES)
+
+
+def _group_by_origin(specs: list[InitializerSpec], order: list[str]) -> list[tuple[str, list[InitializerSpec]]]:
+    """Initializers grouped by the tensor they come from, in checkpoint order (each read once)."""
+    rank = {name: i for i, name in enumerate(order)}
+    groups: dict[str, list[InitializerSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.origin, []).append(spec)
+    return sorted(groups.items(), key=lambda item: rank.get(item[0], len(rank)))
+
+
+def _load(origin: str, dtype: str, source, config: Config):
+    from sc2deploy.attention import rope_cache
+
+    if origin in ("cos_cache", "sin_cache"):
+        cos, sin = rope_cache(config.head_dim, config.rope_theta, config.max_position_embeddings)
+        return (cos if origin == "cos_cache" else sin).to(torch_dtype(dtype))
+    return source.get(origin, dtype).contiguous()
+
+
+def _chunks(tensor, transpose: bool):
+    """The stored bytes of `tensor` (or of its transpose) as memoryviews, without copying all of it at once."""
+    import torch
+
+    if not transpose:
+        yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        return
+    rows, cols = tensor.shape  # stored as (cols, rows)
+    step = max(1, CHUNK_BYTES // max(1, rows * tensor.element_size()))
+    for start in range(0, cols, step):
+        block = tensor[:, start:start + step].t().contiguous()
+        yield memoryview(block.reshape(-1).view(torch.uint8).numpy())
+
+
+class _AlignedWriter:
+    def __init__(self, f, digest):
+        self.f, self.digest, self.position = f, digest, 0
+
+    def start_tensor(self) -> int:
+        pad = -self.position % ALIGNMENT
+        if pad:
+            self.write(b"\0" * pad)
+        return self.position
+
+    def write(self, data) -> None:
+        self.f.write(data)
+        self.digest.update(data)
+        self.position += len(data)
+
+
+def _external_proto(spec: InitializerSpec, offset: int, length: int):
+    from onnx import TensorProto
+
+    t = TensorProto(name=spec.name, data_type=ONNX_DTYPES[spec.dtype], dims=list(spec.shape))
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _inline_proto(spec: InitializerSpec, chunks):
+    from onnx import TensorProto
+
+    return TensorProto(name=spec.name, data_type=ONNX_DTYPES[spec.dtype], dims=list(spec.shape),
+                       raw_data=b"".join(bytes(c) for c in chunks))
