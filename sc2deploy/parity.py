@@ -1,0 +1,577 @@
+"""The engine parity checker: a runtime under test against the eager reference model, case by case.
+
+The truth is the eager model in float32, whatever the dtype of the runtime under test: the numbers
+reported are the error a user of that runtime sees. Each case of the suite is a feed dict (prompts,
+right-padded, and the tokens to decode) run through two Polygraphy runners wrapping `Runtime`s.
+
+Greedy decoding is teacher-forced. The reference decodes greedily on its own; the runtime under
+test is then fed the reference's tokens. Up to the first step where the runtime's own argmax differs,
+this is exactly free-running greedy decoding (both have seen the same tokens), so "first divergence"
+means what it says; after it, the two still see the same history and every later logit stays
+comparable instead of being lost to a harmless near-tie.
+
+Metrics, per case over every real position (prompt and decode) of every row, e = eager, r = runtime:
+  max abs    max |r - e|
+  max rel    max over positions of max|r - e| / max|e|: the error relative to that position's logit
+             range (elementwise |r - e| / |e| is unbounded where a logit crosses zero)
+  top-1      fraction of positions where argmax r == argmax e
+  KL         KL(softmax e || softmax r) in float64, mean and max over positions
+  diverges   first decode step (0 = the prediction after the prompt) where argmax r != e's token
+  near-tie   whether e's top-2 margin at that step is within twice the logit tolerance, i.e. noise
+A case passes when every logit is finite, every position has max|r - e| <= atol + rtol * max|e|, and
+KL max <= kl. A top-1 flip that is not a near-tie always fails: it needs a logit out of tolerance.
+
+Polygraphy: `RuntimeRunner` is a `polygraphy.backend.base.BaseRunner`, so our runtimes run under
+`Comparator.run` (activation, timing, RunResults) and in any Polygraphy workflow. The comparison is
+ours, not `CompareFunc.simple`: its relative error is elementwise (|r - e| / |e|), meaningless for logits,
+and LLM parity needs KL, top-1 and greedy divergence, which Polygraphy does not compute.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sc2deploy.config import Config
+from sc2deploy.errors import UserError
+from sc2deploy.runtime.base import Runtime
+from sc2deploy.tokenizer import Tokenizer
+
+MANIFEST = "sc2deploy.json"
+DECODE_STEPS = 64  # greedy tokens of the decode case
+FOLLOW_UP_STEPS = 8  # greedy tokens after the prompt of every other case
+SUITE_SEED_OFFSETS = (0, 3001, 7919)  # where the batch rows start in the code text
+CHUNK = 256  # positions compared at a time (a real vocabulary in float64 is 390 KB per position)
+
+
+# ---------------------------------------------------------------- tolerances
+@dataclass(frozen=True)
+class Tolerances:
+    """A position passes when max|r - e| <= atol + rtol * max|e|; a case when also KL max <= kl."""
+
+    atol: float
+    rtol: float
+    kl: float
+
+    def allowed(self, scale):
+        return self.atol + self.rtol * scale
+
+
+# Runtime dtype -> tolerances against the float32 eager model. fp32 sides differ only in the order of
+# summation (~1e-6 relative); on the tiny preset a weight moved by 1.0 shifts logits by ~7e-4 and a window
+# off by one by ~2e-2, so atol 1e-4 fails both. fp16/bf16 are dominated by rounding the weights and
+# activations (unit roundoff 4.9e-4 / 3.9e-3): random-weight models show max|r - e| / max|e| of 1e-3-2e-3
+# (fp16) and 8e-3-1.5e-2 (bf16); the bounds leave 5-10x headroom. Low-precision runs hide small bugs in
+# their noise: check structure with an fp32 export of the same checkpoint.
+DEFAULT_TOLERANCES = {
+    "fp32": Tolerances(atol=1e-4, rtol=1e-5, kl=1e-6),
+    "fp16": Tolerances(atol=1e-2, rtol=1e-2, kl=5e-3),
+    "bf16": Tolerances(atol=5e-2, rtol=5e-2, kl=5e-2),
+}
+
+
+def tolerances_for(dtype: str, atol: float | None = None, rtol: float | None = None,
+                   kl: float | None = None) -> Tolerances:
+    if dtype not in DEFAULT_TOLERANCES:
+        raise UserError(f"no parity tolerances for dtype {dtype!r}; expected one of {', '.join(DEFAULT_TOLERANCES)}")
+    base = DEFAULT_TOLERANCES[dtype]
+    values = {"atol": base.atol if atol is None else atol, "rtol": base.rtol if rtol is None else rtol,
+              "kl": base.kl if kl is None else kl}
+    for name, value in values.items():
+        if not value >= 0:
+            raise UserError(f"--{name} must be a number >= 0, got {value}")
+    return Tolerances(**values)
+
+
+# ---------------------------------------------------------------- the suite
+@dataclass
+class Case:
+    """Prompts prefilled together (one per slot), then `decode_steps` greedy tokens for each."""
+
+    name: str
+    description: str
+    prompts: list[list[int]]
+    decode_steps: int = FOLLOW_UP_STEPS
+
+    def feed(self) -> OrderedDict:
+        """The feed dict of a reference run: decode ids of -1 mean "your own argmax"."""
+        lengths = [len(p) for p in self.prompts]
+        ids = np.zeros((len(self.prompts), max(lengths)), dtype=np.int64)
+        for row, p in enumerate(self.prompts):
+            ids[row, :len(p)] = p
+        return OrderedDict(input_ids=ids, lengths=np.array(lengths, dtype=np.int64),
+                           decode_ids=np.full((len(self.prompts), self.decode_steps), -1, dtype=np.int64))
+
+
+SHORT_CODE = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+FIM_PREFIX = "def mean(values):\n    total = 0\n    for v in values:\n"
+FIM_SUFFIX = "    return total / len(values)\n\n\nprint(mean([1, 2, 3]))\n"
+
+
+class PromptText:
+    """Token ids of real code: sc2deploy's own sources, cut to any length (ids folded into small vocabularies)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._ids: list[int] = []
+
+    def encode(self, text: str) -> list[int]:
+        return self.fold(self.tokenizer.encode(text))
+
+    def fold(self, ids: list[int]) -> list[int]:
+        return [i % self.vocab_size for i in ids]
+
+    def take(self, n: int, offset: int = 0) -> list[int]:
+        if len(self._ids) < offset + n:
+            if not self._ids:
+                sources = sorted(Path(__file__).resolve().parent.rglob("*.py"))
+                self._ids = self.encode("".join(p.read_text(encoding="utf-8") for p in sources))
+            self._ids = self._ids * math.ceil((offset + n) / len(self._ids))
+        return self._ids[offset:offset + n]
+
+
+def build_suite(config: Config, tokenizer: Tokenizer, decode_steps: int = DECODE_STEPS,
+                extra: Sequence[Case] = ()) -> list[Case]:
+    """The standard cases, sized from the config's window W and context."""
+    window, context = config.window, config.max_position_embeddings
+    text = PromptText(tokenizer, config.vocab_size)
+    room = max(1, context - FOLLOW_UP_STEPS)
+
+    def fit(n: int) -> int:
+        return max(1, min(n, room))
+
+    long_len = fit(2 * window + 5)
+    batch_lens = [fit(5), fit(window + 3), fit(window // 2 + 1)]
+    decode_steps = min(decode_steps, context - 1)
+    decode_len = max(1, min(window - 8, context - decode_steps))
+    fim = text.fold(tokenizer.fim_prompt_ids(FIM_PREFIX, FIM_SUFFIX))
+    cases = [
+        Case("short", "a short code prompt", [text.encode(SHORT_CODE)]),
+        Case("long", f"a {long_len}-token prompt, window {window}", [text.take(long_len)]),
+        Case("fim", "a fill-in-the-middle prompt", [fim]),
+        Case("batch", f"prompts of {', '.join(map(str, batch_lens))} tokens in one batch",
+             [text.take(n, off) for n, off in zip(batch_lens, SUITE_SEED_OFFSETS)]),
+        Case("decode", f"{decode_steps} greedy tokens after {decode_len}, past window {window}",
+             [text.take(decode_len, 1000)], decode_steps),
+    ]
+    for case in extra:
+        if max(len(p) for p in case.prompts) > context:
+            raise UserError(f"prompt {case.name!r} ({case.description}) is longer than the model's context of "
+                            f"{context} tokens; shorten it")
+    for case in [*cases, *extra]:  # tiny test contexts: keep the end of a prompt (a FIM prompt's <fim_middle>)
+        case.prompts = [p[-(context - 1):] for p in case.prompts]
+        case.decode_steps = min(case.decode_steps, context - max(len(p) for p in case.prompts))
+    return [*cases, *extra]
+
+
+def load_prompts(path: str | Path, tokenizer: Tokenizer, vocab_size: int) -> list[Case]:
+    """User cases from a JSONL file: each line {"prompt": TEXT} or {"fim_prefix": ..., "fim_suffix": ...},
+    optionally with "name" and "max_new_tokens" (default 8); a line may also be a bare JSON string."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --prompts file {path} ({e}); give a UTF-8 JSONL file") from None
+    text, cases = PromptText(tokenizer, vocab_size), []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} is not JSON ({e.msg}); write one object per line, "
+                            '{"prompt": "..."} or {"fim_prefix": "...", "fim_suffix": "..."}') from None
+        item = {"prompt": item} if isinstance(item, str) else item
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: expected an object or a string, got {type(item).__name__}")
+        if "prompt" in item and isinstance(item["prompt"], str):
+            ids, kind = text.encode(item["prompt"]), "prompt"
+        elif isinstance(item.get("fim_prefix"), str) and isinstance(item.get("fim_suffix"), str):
+            ids, kind = text.fold(tokenizer.fim_prompt_ids(item["fim_prefix"], item["fim_suffix"])), "FIM prompt"
+        else:
+            raise UserError(f'{where} needs a "prompt" string, or "fim_prefix" and "fim_suffix" strings')
+        if not ids:
+            raise UserError(f"{where}: the prompt is empty; give some text")
+        steps = item.get("max_new_tokens", FOLLOW_UP_STEPS)
+        if not isinstance(steps, int) or steps < 0:
+            raise UserError(f'{where}: "max_new_tokens" must be an integer >= 0, got {steps!r}')
+        name = str(item.get("name") or f"prompt-{number}")
+        cases.append(Case(name, f"{kind} from {path.name}:{number}, {len(ids)} tokens", [ids], steps))
+    if not cases:
+        raise UserError(f"{path} holds no prompts; write one JSON object per line")
+    return cases
+
+
+# ---------------------------------------------------------------- running
+@cache
+def _runner_class():
+    """RuntimeRunner, defined on first use so that Polygraphy is imported only by parity checks."""
+    try:
+        from polygraphy.backend.base import BaseRunner
+        from polygraphy.common import TensorMetadata
+    except ImportError:
+        raise UserError("parity checks need Polygraphy: pip install 'sc2deploy[onnx]' (or polygraphy)") from None
+
+    class RuntimeRunner(BaseRunner):
+        """A Polygraphy runner over any `Runtime`.
+
+        Feed dict: input_ids (B, S) int64 right-padded, lengths (B,), decode_ids (B, T) (-1: take your own
+        argmax). Outputs: logits (B, S' + T, V) float32, row b's real positions first (S' = max length),
+        and tokens (B, T), the decode tokens fed.
+        """
+
+        def __init__(self, runtime: Runtime, name: str):
+            super().__init__(name=name)
+            self.runtime = runtime
+
+        def get_input_metadata_impl(self):
+            return (TensorMetadata().add("input_ids", np.int64, (None, None)).add("lengths", np.int64, (None,))
+                    .add("decode_ids", np.int64, (None, None)))
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            logits, tokens = run_feed(self.runtime, feed_dict)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict(logits=logits, tokens=tokens)
+
+    return RuntimeRunner
+
+
+def runtime_runner(runtime: Runtime, name: str):
+    return _runner_class()(runtime, name)
+
+
+def run_feed(runtime: Runtime, feed: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill the prompts into slots 0..B-1, then decode; see RuntimeRunner for the arrays."""
+    lengths = [int(n) for n in feed["lengths"]]
+    prompts = [feed["input_ids"][row, :n].tolist() for row, n in enumerate(lengths)]
+    forced = feed["decode_ids"]
+    steps = forced.shape[1]
+    if len(prompts) == 1:
+        prefilled = [runtime.prefill(0, prompts[0], all_logits=True)]
+    else:
+        prefilled = runtime.prefill_batch(prompts)
+    vocab = prefilled[0].shape[-1]
+    logits = np.zeros((len(prompts), max(lengths) + steps, vocab), dtype=np.float32)
+    tokens = np.zeros((len(prompts), steps), dtype=np.int64)
+    last = []
+    for row, rows_logits in enumerate(prefilled):
+        logits[row, :lengths[row]] = rows_logits.float().numpy()
+        last.append(logits[row, lengths[row] - 1])
+    slots = list(range(len(prompts)))
+    for t in range(steps):
+        tokens[:, t] = [int(forced[row, t]) if forced[row, t] >= 0 else int(np.argmax(last[row])) for row in slots]
+        out = runtime.decode(slots, tokens[:, t].tolist()).float().numpy()
+        for row in slots:
+            logits[row, lengths[row] + t] = out[row]
+            last[row] = out[row]
+    return logits, tokens
+
+
+def _run(runner, feed: dict):
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        results = Comparator.run([runner], data_loader=[feed])
+    iteration = results[0][1][0]
+    return iteration["logits"], iteration["tokens"], iteration.runtime
+
+
+# ---------------------------------------------------------------- comparing
+@dataclass
+class CaseResult:
+    name: str
+    description: str
+    passed: bool
+    positions: int = 0
+    decode_steps: int = 0
+    max_abs: float | None = None
+    max_rel: float | None = None
+    mean_abs: float | None = None
+    top1: float | None = None
+    kl_mean: float | None = None
+    kl_max: float | None = None
+    first_divergence: int | None = None  # decode step; None when the greedy tokens never differ
+    near_tie: bool | None = None
+    margin: float | None = None  # eager's top-2 margin at the first divergence
+    worst: str | None = None  # where max abs occurs
+    failures: list[str] = field(default_factory=list)
+    reference_s: float | None = None
+    runtime_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+def _position_stats(ref: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-position error, logit range, KL, argmaxes and reference top-2 margin of (n, V) logits."""
+    out: dict[str, list] = {k: [] for k in ("err", "sum_err", "scale", "kl", "ref_top", "test_top", "margin")}
+    for start in range(0, ref.shape[0], CHUNK):
+        e = torch.from_numpy(ref[start:start + CHUNK]).double()
+        r = torch.from_numpy(test[start:start + CHUNK]).double()
+        diff = (r - e).abs()
+        out["err"].append(diff.amax(-1))
+        out["sum_err"].append(diff.sum(-1))
+        out["scale"].append(e.abs().amax(-1))
+        log_p, log_q = e.log_softmax(-1), r.log_softmax(-1)
+        out["kl"].append((log_p.exp() * (log_p - log_q)).sum(-1))
+        top2 = e.topk(min(2, e.shape[-1]), dim=-1).values
+        out["margin"].append(top2[:, 0] - top2[:, -1] if top2.shape[-1] > 1 else torch.full_like(top2[:, 0], math.inf))
+        out["ref_top"].append(e.argmax(-1))
+        out["test_top"].append(r.argmax(-1))
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def _describe_position(case: Case, row: int, pos: int) -> str:
+    n = len(case.prompts[row])
+    where = f"position {pos}" if pos < n else f"decode step {pos - n + 1}"
+    if pos == n - 1 and case.decode_steps:
+        where = f"position {pos} (decode step 0)"
+    return where if len(case.prompts) == 1 else f"row {row} {where}"
+
+
+def compare_case(case: Case, ref: np.ndarray, test: np.ndarray, tol: Tolerances) -> CaseResult:
+    """Metrics and verdict of one case from the two runners' logits (B, S' + T, V)."""
+    result = CaseResult(case.name, case.description, passed=False, decode_steps=case.decode_steps)
+    if test.shape != ref.shape:
+        result.failures.append(f"the runtime returned logits of shape {test.shape}, the reference {ref.shape}")
+        return result
+    index, stats = [], []
+    for row, prompt in enumerate(case.prompts):
+        n = len(prompt) + case.decode_steps
+        stats.append(_position_stats(ref[row, :n], test[row, :n]))
+        index += [(row, pos) for pos in range(n)]
+    s = {k: np.concatenate([st[k] for st in stats]) for k in stats[0]}
+    vocab = ref.shape[-1]
+    result.positions = len(index)
+    result.max_abs = float(s["err"].max()) if np.isfinite(s["err"]).all() else math.nan
+    result.mean_abs = float(s["sum_err"].sum() / (len(index) * vocab))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result.max_rel = float(np.max(s["err"] / s["scale"]))
+    result.top1 = float(np.mean(s["ref_top"] == s["test_top"]))
+    result.kl_mean, result.kl_max = float(s["kl"].mean()), float(s["kl"].max())
+    worst = int(np.nanargmax(s["err"])) if np.isfinite(s["err"]).any() else 0
+    result.worst = _describe_position(case, *index[worst])
+
+    allowed = tol.allowed(s["scale"])
+    bad = ~(s["err"] <= allowed)  # NaN counts as bad
+    if not np.isfinite(test).all():
+        first = int(np.argmax(~np.isfinite(s["err"]) | ~np.isfinite(s["kl"])))
+        result.failures.append(f"non-finite logits from the runtime (first at {_describe_position(case, *index[first])})")
+    elif bad.any():
+        first = int(np.argmax(bad))
+        result.failures.append(
+            f"logits off by up to {result.max_abs:.2e} at {result.worst}; {int(bad.sum())} of {len(index)} positions "
+            f"exceed atol + rtol * max|e| (first: {_describe_position(case, *index[first])}, "
+            f"off by {s['err'][first]:.2e} > {allowed[first]:.2e})")
+    if not result.kl_max <= tol.kl and np.isfinite(test).all():
+        at = _describe_position(case, *index[int(np.nanargmax(s["kl"]))])
+        result.failures.append(f"KL up to {result.kl_max:.2e} at {at} > {tol.kl:.0e}")
+
+    # Greedy divergence: decode step k of row b is position len_b - 1 + k.
+    for row, prompt in enumerate(case.prompts):
+        offset = sum(len(p) + case.decode_steps for p in case.prompts[:row]) + len(prompt) - 1
+        steps = range(case.decode_steps + 1) if case.decode_steps else range(0)
+        for k in steps:
+            i = offset + k
+            if s["ref_top"][i] != s["test_top"][i]:
+                if result.first_divergence is None or k < result.first_divergence:
+                    result.first_divergence, result.margin = k, float(s["margin"][i])
+                    result.near_tie = bool(s["margin"][i] <= 2 * allowed[i])
+                break
+    flips = (s["ref_top"] != s["test_top"]) & ~(s["margin"] <= 2 * allowed)
+    if flips.any():
+        result.failures.append(f"top-1 differs at {int(flips.sum())} position(s) that are not near-ties "
+                               f"(first: {_describe_position(case, *index[int(np.argmax(flips))])})")
+    result.passed = not result.failures
+    return result
+
+
+# ---------------------------------------------------------------- the whole check
+@dataclass
+class Report:
+    backend: str
+    dtype: str
+    tolerances: Tolerances
+    cases: list[CaseResult]
+    reference: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.cases)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "backend": self.backend, "dtype": self.dtype,
+                "reference": self.reference, "tolerances": asdict(self.tolerances),
+                "cases": [c.to_dict() for c in self.cases], "notes": self.notes}
+
+
+def run_suite(reference: Runtime, runtime: Runtime, cases: Sequence[Case], tolerances: Tolerances,
+              progress: Callable[[str], None] | None = None) -> Report:
+    """Run every case through the reference and the runtime under test; a runtime error fails its case."""
+    need = max(len(c.prompts) for c in cases)
+    for rt in (reference, runtime):
+        if rt.max_batch < need:
+            raise UserError(f"the {rt.name} runtime has {rt.max_batch} slots; the suite needs {need}")
+    ref_runner = runtime_runner(reference, f"{reference.name}-{reference.dtype}")
+    test_runner = runtime_runner(runtime, f"{runtime.name}-{runtime.dtype}")
+    results = []
+    for case in cases:
+        if progress:
+            progress(f"parity: {case.name}: {case.description}")
+        ref_logits, tokens, ref_s = _run(ref_runner, case.feed())
+        forced = case.feed()
+        forced["decode_ids"] = tokens
+        try:
+            test_logits, _, test_s = _run(test_runner, forced)
+        except Exception as e:  # the runtime under test failed on a valid input: that is a parity failure
+            results.append(CaseResult(case.name, case.description, passed=False, decode_steps=case.decode_steps,
+                                      failures=[f"the {runtime.name} runtime raised {type(e).__name__}: {e}"]))
+            continue
+        result = compare_case(case, ref_logits, test_logits, tolerances)
+        result.reference_s, result.runtime_s = round(ref_s, 4), round(test_s, 4)
+        results.append(result)
+    return Report(runtime.name, runtime.dtype, tolerances, results, reference=f"{reference.name} {reference.dtype}")
+
+
+# ---------------------------------------------------------------- the terminal table
+def format_table(report: Report) -> str:
+    t = report.tolerances
+    lines = [f"parity: {report.backend} {report.dtype} against {report.reference} "
+             f"(atol {t.atol:.0e}, rtol {t.rtol:.0e}, kl {t.kl:.0e})"]
+    header = f"{'case':<12}{'pos':>6}{'max abs':>10}{'max rel':>10}{'top-1':>8}{'KL mean':>10}{'KL max':>10}" \
+             f"{'diverges':>10}{'near-tie':>10}  result"
+    lines.append(header)
+
+    def num(x):
+        return "-" if x is None else ("nan" if not math.isfinite(x) else f"{x:.1e}")
+
+    for c in report.cases:
+        top1 = "-" if c.top1 is None else f"{100 * c.top1:.1f}%"
+        diverges = "-" if c.first_divergence is None else str(c.first_divergence)
+        tie = "-" if c.near_tie is None else ("yes" if c.near_tie else "no")
+        lines.append(f"{c.name[:11]:<12}{c.positions:>6}{num(c.max_abs):>10}{num(c.max_rel):>10}{top1:>8}"
+                     f"{num(c.kl_mean):>10}{num(c.kl_max):>10}{diverges:>10}{tie:>10}  {'PASS' if c.passed else 'FAIL'}")
+    for c in report.cases:
+        for failure in c.failures:
+            lines.append(f"FAIL {c.name}: {failure}")
+    lines += [f"note: {n}" for n in report.notes]
+    failed = sum(not c.passed for c in report.cases)
+    lines.append("PASSED" if report.passed else f"FAILED: {failed} of {len(report.cases)} cases")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- opening what to compare
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "use_bias", "tie_word_embeddings", "head_dim")
+BEHAVIOUR_FIELDS = ("sliding_window", "rope_theta", "norm_epsilon", "max_position_embeddings", "hidden_act")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable JSON manifest ({e}); re-run `sc2deploy export`") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise UserError(f"{path} has no \"config\" object; it was not written by `sc2deploy export`: re-export")
+    return manifest
+
+
+def manifest_source(manifest: dict, folder: Path):
+    """The weights an artifact was exported from, as its manifest's "source" records them."""
+    from sc2deploy.checkpoint import CheckpointSource, RandomSource
+
+    where = str(folder / MANIFEST)
+    config = Config.from_hf_dict(manifest["config"], source=where)
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    kind = source.get("kind")
+    if kind == "checkpoint" and isinstance(source.get("path"), str):
+        path = Path(source["path"])
+        if not path.is_dir():
+            raise UserError(f"{where} says the artifact was exported from checkpoint {path}, which is not here; "
+                            "pass that checkpoint (or a copy) with --checkpoint DIR")
+        return CheckpointSource(path)
+    if kind == "random" and isinstance(source.get("seed"), int):
+        return RandomSource(config, source["seed"])
+    raise UserError(f"{where} records neither a source checkpoint nor a random seed (source: {source or None}); "
+                    "pass the checkpoint it was exported from with --checkpoint DIR")
+
+
+def config_differences(reference: Config, tested: Config, fields: Sequence[str]) -> list[str]:
+    return [f"{f}={getattr(tested, f)} (reference {getattr(reference, f)})" for f in fields
+            if getattr(tested, f) != getattr(reference, f)]
+
+
+def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | None = None,
+          prompts: str | Path | None = None, decode_steps: int = DECODE_STEPS, atol: float | None = None,
+          rtol: float | None = None, kl: float | None = None, threads: int | None = None,
+          progress: Callable[[str], None] | None = None) -> Report:
+    """`sc2deploy parity`: open the reference and the runtime for `folder`, run the suite, return the report.
+
+    `folder` is the artifact (ort), the engine folder (trt) or a checkpoint folder (eager: a second set of
+    weights checked against --checkpoint, or against itself). The reference is fp32 eager on the weights of
+    `checkpoint`, else those the folder's manifest names (source checkpoint or random seed).
+    """
+    from sc2deploy.checkpoint import CheckpointSource
+    from sc2deploy.runtime import BACKENDS, open_runtime
+
+    folder = Path(folder)
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not folder.is_dir():
+        made_by = {"ort": "`sc2deploy export --target ort`", "trt": "`sc2deploy build`", "eager": "a checkpoint"}
+        raise UserError(f"{folder} is not a folder; give the {backend} folder to check (made by {made_by[backend]})")
+    if backend == "eager":
+        tested_source = CheckpointSource(folder)
+        source = CheckpointSource(checkpoint) if checkpoint else tested_source
+    else:
+        manifest = read_manifest(folder)
+        if checkpoint:
+            source = CheckpointSource(checkpoint)
+        elif manifest is None:
+            raise UserError(f"{folder} has no {MANIFEST}; pass the checkpoint it was made from with --checkpoint DIR")
+        else:
+            source = manifest_source(manifest, folder)
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = Tokenizer.load(checkpoint if checkpoint else folder)
+    extra = load_prompts(prompts, tokenizer, source.config.vocab_size) if prompts else ()
+    cases = build_suite(source.config, tokenizer, decode_steps, extra)
+    slots = max(len(c.prompts) for c in cases)
+
+    from sc2deploy.runtime.eager import EagerRuntime
+
+    reference = EagerRuntime(source, dtype="fp32", max_batch=slots)
+    options = {"threads": threads} if threads and backend != "eager" else {}
+    if backend == "eager":
+        runtime = EagerRuntime(tested_source, dtype="fp32", max_batch=slots)
+    else:
+        runtime = open_runtime(backend, artifact=folder, engine=folder, max_batch=slots, **options)
+    shape = config_differences(source.config, runtime.config, SHAPE_FIELDS)
+    if shape:
+        raise UserError(f"{folder} holds a different model than the reference ({source.description}): "
+                        f"{', '.join(shape)}; pass the checkpoint it was made from with --checkpoint DIR")
+    report = run_suite(reference, runtime, cases, tolerances_for(runtime.dtype, atol, rtol, kl), progress)
+    report.reference = f"eager fp32 on {source.description}"
+    behaviour = config_differences(source.config, runtime.config, BEHAVIOUR_FIELDS)
+    if behaviour:
+        report.notes.append(f"the {backend} model's config differs from the reference: {', '.join(behaviour)}")
+    return report

@@ -1,0 +1,315 @@
+"""The parity checker: a correct runtime passes, a corrupted one fails and says where (issue #3).
+
+Runtimes under test here are eager runtimes with the window off by one or one weight moved; the tests
+that corrupt a real ONNX export are in tests/test_parity_export.py.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sc2deploy import parity
+from sc2deploy.checkpoint import RandomSource, TensorSource, write_checkpoint
+from sc2deploy.cli import main
+from sc2deploy.config import preset
+from sc2deploy.runtime.eager import EagerRuntime
+from sc2deploy.tokenizer import Tokenizer
+
+TINY = preset("tiny")
+W = TINY.window
+SEED = 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.load()
+
+
+@pytest.fixture(scope="module")
+def suite(tokenizer):
+    return parity.build_suite(TINY, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return EagerRuntime(RandomSource(TINY, SEED), max_batch=3)
+
+
+def eager(config=TINY, dtype="fp32"):
+    return EagerRuntime(RandomSource(config, SEED), dtype=dtype, max_batch=3)
+
+
+def by_name(report_or_cases):
+    cases = report_or_cases.cases if isinstance(report_or_cases, parity.Report) else report_or_cases
+    return {c.name: c for c in cases}
+
+
+# ---------------------------------------------------------------- the suite
+def test_suite_covers_the_issue(suite, tokenizer):
+    cases = by_name(suite)
+    assert set(cases) == {"short", "long", "fim", "batch", "decode"}
+    assert len(cases["short"].prompts[0]) < W
+    assert len(cases["long"].prompts[0]) == 2 * W + 5
+    fim = cases["fim"].prompts[0]
+    assert fim[0] == tokenizer.fim_prefix_id and fim[-1] == tokenizer.fim_middle_id
+    lengths = [len(p) for p in cases["batch"].prompts]
+    assert len(set(lengths)) == 3 and max(lengths) > W
+    decode = cases["decode"]
+    assert decode.decode_steps == 64 and len(decode.prompts[0]) < W < len(decode.prompts[0]) + 64
+
+
+def test_suite_fits_small_vocabularies_and_contexts(tokenizer):
+    config = TINY.replace(vocab_size=300, max_position_embeddings=48, sliding_window=None)
+    for case in parity.build_suite(config, tokenizer):
+        for prompt in case.prompts:
+            assert prompt and max(prompt) < 300
+            assert len(prompt) + case.decode_steps <= 48
+
+
+# ---------------------------------------------------------------- run_suite against eager runtimes
+def test_same_weights_pass_with_zero_error(reference, suite):
+    report = parity.run_suite(reference, eager(), suite, parity.tolerances_for("fp32"))
+    assert report.passed and report.exit_code == 0
+    for case in report.cases:
+        assert case.max_abs == 0 and case.kl_max == 0 and case.top1 == 1 and case.first_divergence is None
+    assert by_name(report)["decode"].positions == (W - 8) + 64  # the prompt's logits, then one per token fed
+
+
+@pytest.mark.parametrize("window", [W - 1, W + 1])
+def test_window_off_by_one_fails_at_the_window(reference, suite, window):
+    report = parity.run_suite(reference, eager(TINY.replace(sliding_window=window)), suite, parity.tolerances_for("fp32"))
+    cases = by_name(report)
+    assert not report.passed and report.exit_code == 1
+    assert cases["short"].passed  # never reaches the window: nothing to see there
+    for name in ("long", "batch", "decode"):
+        assert not cases[name].passed
+    # The first position out of tolerance is the first one whose window differs: W-1 or W.
+    assert f"(first: position {min(window, W)}," in cases["long"].failures[0]
+    assert f"(first: row 1 position {min(window, W)}," in cases["batch"].failures[0]
+
+
+def perturbed(runtime: EagerRuntime, delta: float = 1.0) -> EagerRuntime:
+    with torch.no_grad():
+        runtime.model.model.layers[1].self_attn.q_proj.weight[3, 5] += delta
+    return runtime
+
+
+def test_one_perturbed_weight_fails_every_case(reference, suite):
+    report = parity.run_suite(reference, perturbed(eager()), suite, parity.tolerances_for("fp32"))
+    assert report.exit_code == 1
+    assert not any(c.passed for c in report.cases)
+    assert all(c.top1 == 1 for c in report.cases)  # invisible to argmax: only the logit check catches it
+
+
+def test_low_precision_is_judged_by_its_own_tolerances(reference, suite):
+    bf16 = eager(dtype="bf16")
+    assert parity.run_suite(reference, bf16, suite, parity.tolerances_for("bf16")).passed
+    assert not parity.run_suite(reference, bf16, suite, parity.tolerances_for("fp32")).passed
+
+
+def test_tolerance_overrides():
+    assert parity.tolerances_for("fp16", atol=0.5) == parity.Tolerances(0.5, 1e-2, 5e-3)
+    with pytest.raises(parity.UserError, match="no parity tolerances for dtype 'int8'"):
+        parity.tolerances_for("int8")
+
+
+class Crashes(EagerRuntime):
+    def decode(self, slots, token_ids):
+        raise RuntimeError("kernel exploded")
+
+
+def test_a_runtime_that_raises_fails_its_case(reference, suite):
+    crash = Crashes(RandomSource(TINY, SEED), max_batch=3)
+    report = parity.run_suite(reference, crash, suite, parity.tolerances_for("fp32"))
+    assert report.exit_code == 1
+    assert all("RuntimeError: kernel exploded" in c.failures[0] for c in report.cases)
+
+
+def test_suite_needs_enough_slots(reference, suite):
+    with pytest.raises(parity.UserError, match="the suite needs 3"):
+        parity.run_suite(reference, EagerRuntime(RandomSource(TINY, SEED)), suite, parity.tolerances_for("fp32"))
+
+
+# ---------------------------------------------------------------- compare_case on synthetic logits
+def decode_case(prompt_len=3, steps=4):
+    return parity.Case("synthetic", "synthetic logits", [list(range(prompt_len))], steps)
+
+
+def synthetic(case, vocab=8, seed=0):
+    n = len(case.prompts[0]) + case.decode_steps
+    logits = np.random.default_rng(seed).normal(size=(1, n, vocab)).astype(np.float32)
+    logits[0, :, 0] = 5.0  # a clear favourite everywhere ...
+    return logits
+
+
+TOL = parity.Tolerances(atol=1e-3, rtol=0.0, kl=1e-2)
+
+
+def test_near_tie_divergence_passes():
+    case = decode_case()
+    ref = synthetic(case)
+    step = 2
+    ref[0, 2 + step, 1] = 5.0 + 5e-4  # ... except at decode step 2, where token 1 leads by 5e-4 < 2 * atol
+    test = ref.copy()
+    test[0, 2 + step, 1] -= 9e-4  # within atol, and enough to flip the argmax
+    result = parity.compare_case(case, ref, test, TOL)
+    assert result.passed and result.first_divergence == step and result.near_tie is True
+    assert result.margin == pytest.approx(5e-4, rel=1e-3) and result.top1 == pytest.approx(6 / 7)
+
+
+def test_real_divergence_fails():
+    case = decode_case()
+    ref = synthetic(case)
+    test = ref.copy()
+    test[0, 4, 3] = 6.0  # token 3 overtakes by far at decode step 2
+    result = parity.compare_case(case, ref, test, TOL)
+    assert not result.passed and result.first_divergence == 2 and result.near_tie is False
+    assert any("not near-ties" in f for f in result.failures)
+    assert any("decode step 2" in f for f in result.failures)
+
+
+def test_relative_error_is_relative_to_the_logit_range():
+    case = decode_case(steps=0)
+    ref = synthetic(case)
+    test = ref + 1e-3
+    result = parity.compare_case(case, ref, test, parity.Tolerances(atol=0.0, rtol=3e-4, kl=1))
+    assert result.max_rel == pytest.approx(1e-3 / 5.0, rel=1e-3) and result.passed is True  # 1e-3 <= 3e-4 * 5
+    assert result.max_abs == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_non_finite_logits_fail_and_json_stays_valid():
+    case = decode_case()
+    ref = synthetic(case)
+    test = ref.copy()
+    test[0, 1, 2] = np.nan
+    result = parity.compare_case(case, ref, test, TOL)
+    assert not result.passed and "non-finite logits" in result.failures[0] and "position 1" in result.failures[0]
+    text = json.dumps(result.to_dict(), allow_nan=False)
+    assert json.loads(text)["max_abs"] is None
+
+
+def test_kl_alone_can_fail():
+    case = decode_case(steps=0)
+    ref = synthetic(case)
+    test = ref.copy()
+    test[0, :, 1] += 0.5  # a big logit shift of a non-top token
+    result = parity.compare_case(case, ref, test, parity.Tolerances(atol=1.0, rtol=0.0, kl=1e-6))
+    assert not result.passed and result.failures[0].startswith("KL up to")
+
+
+# ---------------------------------------------------------------- prompts file
+def test_prompts_file(tmp_path, tokenizer):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "import os\\n", "name": "imports"}\n\n"def f():"\n'
+                    '{"fim_prefix": "a = ", "fim_suffix": "\\n", "max_new_tokens": 2}\n')
+    cases = parity.load_prompts(path, tokenizer, TINY.vocab_size)
+    assert [c.name for c in cases] == ["imports", "prompt-3", "prompt-4"]
+    assert cases[0].prompts == [tokenizer.encode("import os\n")] and cases[2].decode_steps == 2
+    assert cases[2].prompts[0][0] == tokenizer.fim_prefix_id
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "is not JSON"),
+    ('{"text": "x"}', 'needs a "prompt" string'),
+    ('{"prompt": ""}', "the prompt is empty"),
+    ('{"prompt": "x", "max_new_tokens": -1}', "max_new_tokens"),
+    ("\n", "holds no prompts"),
+])
+def test_bad_prompts_file(tmp_path, tokenizer, text, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(text)
+    with pytest.raises(parity.UserError, match=message):
+        parity.load_prompts(path, tokenizer, TINY.vocab_size)
+
+
+# ---------------------------------------------------------------- the CLI, eager backend (checkpoints on disk)
+class PerturbedSource(TensorSource):
+    """Another source's weights with one element moved."""
+
+    def __init__(self, base: TensorSource, name: str, index: int, delta: float):
+        self.base, self.config, self.description = base, base.config, f"{base.description}, {name} perturbed"
+        self.name, self.index, self.delta = name, index, delta
+
+    def get(self, name, dtype):
+        tensor = self.base.get(name, dtype)
+        if name == self.name:
+            tensor.view(-1)[self.index] += self.delta
+        return tensor
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    good = write_checkpoint(RandomSource(TINY, SEED), root / "good", "fp32")
+    weight = write_checkpoint(PerturbedSource(RandomSource(TINY, SEED), "model.layers.0.self_attn.q_proj.weight",
+                                              7, 1.0), root / "weight", "fp32")
+    window = write_checkpoint(RandomSource(TINY.replace(sliding_window=W + 1), SEED), root / "window", "fp32")
+    return {"good": good, "weight": weight, "window": window}
+
+
+def cli(args, capsys):
+    code = main(["parity", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_passes_on_the_same_weights(checkpoints, capsys):
+    code, out, _ = cli([checkpoints["good"], "--backend", "eager", "--checkpoint", checkpoints["good"],
+                        "--decode-steps", "40"], capsys)
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[0].startswith("parity: eager fp32 against eager fp32 on checkpoint")
+    assert lines[1].split() == ["case", "pos", "max", "abs", "max", "rel", "top-1", "KL", "mean", "KL", "max",
+                                "diverges", "near-tie", "result"]
+    assert [line.split()[0] for line in lines[2:7]] == ["short", "long", "fim", "batch", "decode"]
+    assert all(line.endswith("PASS") for line in lines[2:7]) and lines[-1] == "PASSED"
+
+
+@pytest.mark.parametrize("corruption", ["weight", "window"])
+def test_cli_fails_on_a_corrupted_checkpoint(checkpoints, capsys, corruption, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "print(1)", "name": "mine"}\n')
+    code, out, _ = cli([checkpoints[corruption], "--backend", "eager", "--checkpoint", checkpoints["good"],
+                        "--decode-steps", "40", "--prompts", prompts, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 1 and report["passed"] is False
+    assert report["backend"] == "eager" and report["dtype"] == "fp32"
+    assert report["tolerances"] == {"atol": 1e-4, "rtol": 1e-5, "kl": 1e-6}
+    cases = {c["name"]: c for c in report["cases"]}
+    assert list(cases) == ["short", "long", "fim", "batch", "decode", "mine"]
+    assert not cases["long"]["passed"] and not cases["decode"]["passed"]
+    assert {"max_abs", "max_rel", "top1", "kl_mean", "kl_max", "first_divergence", "near_tie", "failures"} <= set(cases["long"])
+    if corruption == "window":
+        assert cases["short"]["passed"] and "sliding_window=33 (reference 32)" in report["notes"][0]
+
+
+def test_cli_tolerance_override_turns_a_failure_into_a_pass(checkpoints, capsys):
+    code, out, _ = cli([checkpoints["weight"], "--backend", "eager", "--checkpoint", checkpoints["good"],
+                        "--decode-steps", "8", "--atol", "1", "--kl", "1", "--json"], capsys)
+    assert code == 0 and json.loads(out)["tolerances"]["atol"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/missing"], "is not a folder"),
+    (["{tmp}"], "has no sc2deploy.json; pass the checkpoint"),
+    (["{tmp}", "--backend", "onnx"], "unknown backend 'onnx'"),
+    (["{good}", "--backend", "eager", "--prompts", "{tmp}/none.jsonl"], "cannot read --prompts file"),
+])
+def test_cli_errors_exit_2(checkpoints, capsys, tmp_path, args, message):
+    code, out, err = cli([a.format(tmp=tmp_path, good=checkpoints["good"]) for a in args], capsys)
+    assert code == 2 and message in err and not out
+
+
+def test_cli_bad_manifest_exits_2(capsys, tmp_path):
+    (tmp_path / "sc2deploy.json").write_text("{broken")
+    code, _, err = cli([tmp_path], capsys)
+    assert code == 2 and "is not a readable JSON manifest" in err
+
+
+def test_cli_refuses_a_different_model(checkpoints, capsys, tmp_path):
+    other = write_checkpoint(RandomSource(TINY.replace(num_hidden_layers=1), SEED), tmp_path / "other", "fp32")
+    code, _, err = cli([other, "--backend", "eager", "--checkpoint", checkpoints["good"]], capsys)
+    assert code == 2 and "num_hidden_layers=1 (reference 2)" in err
