@@ -21,8 +21,8 @@ def present_name(layer: int, kind: str) -> str:
     return f"present.{layer}.{kind}"
 
 
-def check_target(target: str, dtype: str, config: Config) -> None:
-    """Refuse combinations that cannot run, naming the reason and the fix."""
+def check_target_dtype(target: str, dtype: str) -> None:
+    """Refuse an unknown target or dtype, or a combination that cannot run, naming the reason and the fix."""
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} "
                         "(ort: ONNX Runtime GroupQueryAttention, trt: the TensorRT SlidingWindowGQA plugin)")
@@ -31,6 +31,11 @@ def check_target(target: str, dtype: str, config: Config) -> None:
     if dtype not in TARGET_DTYPES[target]:
         raise UserError("ONNX Runtime has no CPU kernel for bf16 GroupQueryAttention, so --target ort exports fp32 "
                         "or fp16; bf16 is for --target trt")
+
+
+def check_target(target: str, dtype: str, config: Config) -> None:
+    """check_target_dtype, plus what the target needs of the model's shape."""
+    check_target_dtype(target, dtype)
     if target == "ort" and config.head_dim % 16:
         raise UserError(f"head_dim={config.head_dim}: ONNX Runtime's GroupQueryAttention needs a head size that is a "
                         "multiple of 16 (StarCoder2 uses 128); use --target trt for this config")

@@ -130,3 +130,28 @@ def _inline_proto(spec: InitializerSpec, chunks):
 
     return TensorProto(name=spec.name, data_type=ONNX_DTYPES[spec.dtype], dims=list(spec.shape),
                        raw_data=b"".join(bytes(c) for c in chunks))
+
+
+def check_external_data(model_path: Path) -> None:
+    """Every external-data file `model_path` refers to exists and is long enough (a clear error, not ORT's)."""
+    import onnx
+
+    from sc2deploy.errors import UserError
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    needed: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        needed[info["location"]] = max(needed.get(info["location"], 0), end)
+    for location, end in needed.items():
+        path = model_path.parent / location
+        if not path.is_file():
+            raise UserError(f"{path} is missing: {model_path.name} keeps its weights there; copy the whole artifact "
+                            "folder or re-export it")
+        size = path.stat().st_size
+        if size < end:
+            raise UserError(f"{path} is truncated: {size} bytes, but {model_path.name} needs {end}; the copy or export "
+                            "was interrupted: copy the artifact again or re-export it")

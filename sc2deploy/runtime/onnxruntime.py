@@ -1,0 +1,277 @@
+"""The ONNX Runtime runtime: an `sc2deploy export --target ort` artifact behind the Runtime interface.
+
+One session, IOBinding, and per-layer KV buffers of shape (max_batch, kv_heads, C, head_dim)
+allocated once and bound as both past and present (ONNX Runtime updates them in place):
+a prefill binds its slot's row, a decode the rows of its slots; nothing is copied per step
+but the token ids, the mask and the logits.
+
+The cache. With a sliding window the export's GroupQueryAttention nodes run with
+sliding_window_cache=1: the buffers are window-sized and ONNX Runtime keeps the most recent
+L(T) positions of a row of T tokens at rows [0, L) in order, evicting G = C - W + 1 positions
+at once when the row would overflow (L(T) = T up to C, then T - G*ceil((T-C)/G); always
+>= min(T, W), so the window is resident). That is a compacting layout, not the contract's
+ring (slot = position % C), but the attention output is the contract's: measured equal to
+sliding_window_gqa_reference past the wrap, for decode, batched ragged prefill, and prompts
+longer than C (tests/export/test_gqa_semantics.py). C is max(W, min(wanted, W + slack)) on
+CPU (slack amortises the compaction copy over G steps) and W on CUDA (its kernel requires
+C == W). Without a window the cache is linear: C = the wanted capacity, as in the contract.
+
+Decode of slots that are not one contiguous range (a finished sequence in the middle): on CPU
+the resident rows of those slots are gathered into a staging batch, run, and scattered back
+(exact; costs a copy of those rows' resident cache); on other devices the slots run as one
+call per contiguous run. The order of `slots` is free: logits come back in that order.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sc2deploy.config import Config
+from sc2deploy.errors import UserError
+from sc2deploy.runtime.base import Runtime
+
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class OrtRuntime(Runtime):
+    name = "ort"
+
+    def __init__(self, artifact: str | Path, max_batch: int = 1, capacity: int | None = None, *,
+                 threads: int | None = None, provider: str | None = None, verify: bool = True,
+                 optimization: str = "all", cache_slack: int | None = None):
+        """Load `artifact` (made by `sc2deploy export --target ort`).
+
+        threads: intra-op threads (default: ONNX Runtime's, one per core). provider: "cpu", "cuda", or None
+        for CUDA when onnxruntime-gpu offers it, else CPU. verify: check the sha256 of every file against the
+        manifest (False: sizes only; for very large artifacts). optimization: ONNX Runtime graph optimization
+        level, one of disable/basic/extended/all. cache_slack: positions beyond the window in each cache row
+        (CPU; default max(16, window/8)).
+        """
+        from sc2deploy.export.manifest import verify_artifact
+        from sc2deploy.export.weights import check_external_data
+
+        self.artifact = Path(artifact)
+        manifest = verify_artifact(self.artifact, hashes=verify)
+        if manifest.get("target") != "ort":
+            raise UserError(f"{self.artifact} was exported for --target {manifest.get('target')}, not ort; "
+                            "export it again with --target ort (or use the trt backend)")
+        graph = manifest["graph"]
+        model_path = self.artifact / graph["file"]
+        check_external_data(model_path)
+        self.config = Config.from_hf_dict(manifest["config"], source=str(self.artifact / "sc2deploy.json"))
+        self.dtype = manifest["dtype"]
+        if self.dtype not in NUMPY_DTYPES:
+            raise UserError(f"{self.artifact} holds {self.dtype} weights; the ort runtime runs fp32 or fp16 artifacts")
+        self.max_batch = max_batch
+        self.windowed = bool(graph.get("sliding_window_cache"))
+        self.provider = _choose_provider(provider)
+        self.threads = threads
+        self.capacity = self._capacity(capacity, cache_slack)
+        self.session = self._session(model_path, threads, optimization)
+        self._has_logits_to_keep = any(i.name == "logits_to_keep" for i in self.session.get_inputs())
+        self._allocate_cache()
+        self._init_slots()
+
+    # ---------------------------------------------------------------- setup
+    def _capacity(self, wanted: int | None, slack: int | None) -> int:
+        c = self.config
+        wanted = c.max_position_embeddings if wanted is None else min(wanted, c.max_position_embeddings)
+        if not self.windowed:
+            return max(1, wanted)
+        window = c.sliding_window
+        if self.provider != "cpu":
+            return window
+        slack = max(16, window // 8) if slack is None else slack
+        return max(window, min(wanted, window + slack))
+
+    def _session(self, model_path: Path, threads: int | None, optimization: str):
+        import onnxruntime as ort
+
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise UserError(f"unknown optimization level {optimization!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # the overridable logits_to_keep initializer draws a warning by design
+        providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
+        try:
+            return ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+            raise UserError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0][:500]}; "
+                            "re-export the artifact with this sc2deploy version") from None
+
+    def _allocate_cache(self) -> None:
+        import onnxruntime as ort
+
+        c = self.config
+        shape = (self.max_batch, c.num_key_value_heads, self.capacity, c.head_dim)
+        np_dtype = NUMPY_DTYPES[self.dtype]
+        self._np_dtype = np_dtype
+        self._row_bytes = c.num_key_value_heads * self.capacity * c.head_dim * np.dtype(np_dtype).itemsize
+        if self.provider == "cpu":
+            self._device = ("cpu", 0)
+            self._cache = [(np.zeros(shape, np_dtype), np.zeros(shape, np_dtype)) for _ in range(c.num_hidden_layers)]
+            self._pointers = [(k.ctypes.data, v.ctypes.data) for k, v in self._cache]
+            self._decode_logits = np.empty((self.max_batch, 1, c.vocab_size), np_dtype)
+        else:
+            self._device = (self.provider, 0)
+            self._cache = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, np_dtype, self.provider, 0),
+                            ort.OrtValue.ortvalue_from_shape_and_type(shape, np_dtype, self.provider, 0))
+                           for _ in range(c.num_hidden_layers)]
+            self._pointers = [(k.data_ptr(), v.data_ptr()) for k, v in self._cache]
+            self._decode_logits = None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "provider": PROVIDERS[self.provider], "artifact": str(self.artifact),
+                "threads": self.threads, "window_cache": self.windowed}
+
+    # ---------------------------------------------------------------- interface
+    def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        self._check_prefill(slot, token_ids)
+        self._check_room(len(token_ids))
+        ids = np.asarray([list(token_ids)], dtype=np.int64)
+        logits = self._run(ids, np.ones_like(ids), self._row_pointers(slot), keep=0 if all_logits else 1)
+        self._lengths[slot] = len(token_ids)
+        return _to_torch(logits[0] if all_logits else logits[0, -1])
+
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+        for slot, ids in enumerate(prompts):
+            self._check_prefill(slot, ids)
+            self._check_room(len(ids))
+        longest = max(len(p) for p in prompts)
+        ids = np.zeros((len(prompts), longest), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, :len(p)] = p
+            mask[row, :len(p)] = 1
+        logits = self._run(ids, mask, self._row_pointers(0), keep=0)
+        for slot, p in enumerate(prompts):
+            self._lengths[slot] = len(p)
+        return [_to_torch(logits[row, :len(p)]) for row, p in enumerate(prompts)]
+
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Tensor:
+        self._check_decode(slots, token_ids)
+        for s in slots:
+            self._check_room(self._lengths[s] + 1)
+        order = sorted(range(len(slots)), key=lambda i: slots[i])
+        ordered = [slots[i] for i in order]
+        if ordered == list(range(ordered[0], ordered[0] + len(ordered))):
+            logits = self._decode_rows(ordered, [token_ids[i] for i in order], self._row_pointers(ordered[0]))
+        elif self.provider == "cpu":
+            logits = self._decode_gathered(ordered, [token_ids[i] for i in order])
+        else:
+            logits = np.concatenate([
+                self._decode_rows(run, [token_ids[slots.index(s)] for s in run], self._row_pointers(run[0]))
+                for run in _contiguous_runs(ordered)])
+        for s in slots:
+            self._lengths[s] += 1
+        result = np.empty_like(logits)
+        result[order] = logits
+        return _to_torch(result)
+
+    # ---------------------------------------------------------------- running
+    def _decode_rows(self, slots: list[int], token_ids: list[int], pointers) -> np.ndarray:
+        totals = np.asarray([self._lengths[s] + 1 for s in slots])
+        mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
+        ids = np.asarray(token_ids, dtype=np.int64)[:, None]
+        return self._run(ids, mask, pointers, keep=1)[:, 0]
+
+    def _decode_gathered(self, slots: list[int], token_ids: list[int]) -> np.ndarray:
+        """Non-contiguous slots on CPU: copy their resident cache rows into a staging batch and back."""
+        n = len(slots)
+        before = [self._resident(self._lengths[s]) for s in slots]
+        after = [self._resident(self._lengths[s] + 1) for s in slots]
+        staging = []
+        for k, v in self._cache:
+            sk, sv = np.empty((n,) + k.shape[1:], k.dtype), np.empty((n,) + v.shape[1:], v.dtype)
+            for row, (slot, used) in enumerate(zip(slots, before)):
+                sk[row, :, :used] = k[slot, :, :used]
+                sv[row, :, :used] = v[slot, :, :used]
+            staging.append((sk, sv))
+        logits = self._decode_rows(slots, token_ids, [(sk.ctypes.data, sv.ctypes.data) for sk, sv in staging])
+        for (k, v), (sk, sv) in zip(self._cache, staging):
+            for row, (slot, used) in enumerate(zip(slots, after)):
+                k[slot, :, :used] = sk[row, :, :used]
+                v[slot, :, :used] = sv[row, :, :used]
+        return logits
+
+    def _resident(self, total: int) -> int:
+        """Cache rows holding positions for a sequence of `total` tokens (ONNX Runtime's L(T))."""
+        c = self.capacity
+        if not self.windowed or total <= c:
+            return min(total, c)
+        evict = c - self.config.sliding_window + 1
+        return total - evict * -(-(total - c) // evict)
+
+    def _row_pointers(self, first_row: int) -> list[tuple[int, int]]:
+        offset = first_row * self._row_bytes
+        return [(k + offset, v + offset) for k, v in self._pointers]
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, pointers, keep: int) -> np.ndarray:
+        c = self.config
+        batch = ids.shape[0]
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input("attention_mask", mask)
+        if self._has_logits_to_keep:
+            io.bind_cpu_input("logits_to_keep", np.asarray([keep], dtype=np.int64))
+        preallocated = self._decode_logits is not None and ids.shape[1] == 1 and keep == 1
+        if preallocated:
+            out = self._decode_logits[:batch]
+            io.bind_output("logits", "cpu", 0, self._np_dtype, list(out.shape), out.ctypes.data)
+        else:
+            io.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
+        device, device_id = self._device
+        shape = [batch, c.num_key_value_heads, self.capacity, c.head_dim]
+        for layer, (k, v) in enumerate(pointers):
+            for kind, ptr in (("key", k), ("value", v)):
+                io.bind_input(f"past_key_values.{layer}.{kind}", device, device_id, self._np_dtype, shape, ptr)
+                io.bind_output(f"present.{layer}.{kind}", device, device_id, self._np_dtype, shape, ptr)
+        self.session.run_with_iobinding(io)
+        return out if preallocated else io.get_outputs()[0].numpy()
+
+    def _check_room(self, total: int) -> None:
+        if not self.windowed and total > self.capacity:
+            raise UserError(f"a sequence of {total} tokens does not fit the cache of {self.capacity} positions "
+                            "(the model has no sliding window); open the runtime with a larger capacity")
+
+
+def _contiguous_runs(slots: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for s in slots:
+        if runs and s == runs[-1][-1] + 1:
+            runs[-1].append(s)
+        else:
+            runs.append([s])
+    return runs
+
+
+def _to_torch(array: np.ndarray) -> Tensor:
+    """float32 logits the caller owns (the runtime reuses its decode buffer)."""
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+
+
+def _choose_provider(provider: str | None) -> str:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider is None:
+        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in available:
+        raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (available: {', '.join(available)}); "
+                        "install onnxruntime-gpu for cuda, or use provider cpu")
+    return provider
