@@ -106,10 +106,13 @@ class CompletionServicer(pb_grpc.CompletionServiceServicer):
             self._abort(context, method, grpc.StatusCode.UNAVAILABLE, str(e))
         if not context.add_callback(handle.cancel):  # runs when the RPC ends: cancelled, deadline, or done
             handle.cancel()
+        finished = None
         try:
             finished = yield from self._events(handle, context)
         finally:
-            handle.cancel()  # a no-op once finished; frees the slot if this generator was abandoned
+            handle.cancel()  # a no-op once finished; frees the slot if the client went away mid-stream
+            if finished is None:  # the RPC ended first: gRPC closed this generator
+                self.metrics.requests.labels(method, "CANCELLED").inc()
         if finished.reason == DEADLINE:
             self._abort(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"the deadline passed after {finished.completion_tokens} tokens")
