@@ -1,0 +1,488 @@
+"""ONNX artifact (export --target trt) -> TensorRT engine folder, and the engine manifest's checks.
+
+An engine folder holds:
+  model.plan       the serialized engine (one engine, two optimization profiles)
+  sc2deploy.json   the manifest: TensorRT version, GPU, plugin hash, build flags, profiles, the
+                   model config and the weights' source (so `parity` finds its reference)
+  config.json      the model's Hugging Face config; tokenizer.json from the artifact
+
+Profiles. The engine has two, both over the same graph:
+  0 "prefill": batch 1..max_batch, sequence 1..max_input_len, attention_mask width up to
+               max_seq_len (a prompt longer than max_input_len is prefilled in chunks);
+  1 "decode":  batch 1..max_batch, sequence 1.
+Every past/present cache input is (batch, Nkv, C, head_dim) with C = min(max_seq_len, window)
+fixed: the ring cache of the contract, so a 16,384-token context needs only 4,096 slots.
+
+Engines are tied to the TensorRT version and the GPU (compute capability) that built them; the
+manifest records both and `check_engine_manifest` refuses a mismatch with a message that says
+what to do, before TensorRT gets a chance to fail on the bytes.
+
+The pure-Python half (settings, profiles, manifest) is tested without TensorRT; `build_engine`
+is the TensorRT half, written against TensorRT's Python API (10.9+, 11.x) and type-checked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sc2deploy.config import PRESETS, Config
+from sc2deploy.errors import UserError
+
+ENGINE_FILE = "model.plan"
+MANIFEST = "sc2deploy.json"  # the name `parity` and `serve` look for in any folder they are given
+FORMAT, FORMAT_VERSION = "sc2deploy-tensorrt-engine", 1
+ARTIFACT_FORMAT = "sc2deploy-onnx-artifact"
+BUILD_DTYPES = ("fp16", "bf16", "fp32")
+PLUGIN_MODES = ("aot", "jit")
+INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
+PREFILL, DECODE = "prefill", "decode"
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+# ---------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int
+    max_input_len: int
+    max_seq_len: int
+
+
+# Per size: slots, longest single prefill, longest sequence. KV per slot is 2 x C x kv_bytes_per_token
+# (C = 4096; the runtime keeps a second buffer for the plugin's present output): 3b bf16 240 MB,
+# 15b 640 MB a slot, so 16 / 8 / 8 slots leave most of an 80 GB GPU to weights and activations.
+PRESET_LIMITS = {
+    "3b": Limits(max_batch=16, max_input_len=4096, max_seq_len=16384),
+    "7b": Limits(max_batch=8, max_input_len=4096, max_seq_len=16384),
+    "15b": Limits(max_batch=8, max_input_len=4096, max_seq_len=16384),
+    "bench": Limits(max_batch=8, max_input_len=2048, max_seq_len=16384),
+    "tiny": Limits(max_batch=4, max_input_len=64, max_seq_len=1024),
+}
+
+
+def preset_of(config: Config) -> str | None:
+    """The preset name whose architecture `config` has (weights and token ids aside)."""
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "max_position_embeddings", "sliding_window")
+    for name, preset in PRESETS.items():
+        if all(getattr(preset, f) == getattr(config, f) for f in fields):
+            return name
+    return None
+
+
+def default_limits(config: Config) -> Limits:
+    name = preset_of(config)
+    if name is not None:
+        return PRESET_LIMITS[name]
+    context = config.max_position_embeddings
+    return Limits(max_batch=8, max_input_len=min(4096, context), max_seq_len=context)
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    dtype: str
+    max_batch: int
+    max_input_len: int
+    max_seq_len: int
+    plugin: str = "aot"  # aot: Triton kernels inside the engine; jit: Python plugin at run time
+    optimization_level: int = 3
+    workspace_mib: int | None = None
+
+    def capacity(self, config: Config) -> int:
+        """Cache slots per sequence: the ring holds the last min(max_seq_len, window) positions."""
+        return config.cache_positions(self.max_seq_len)
+
+    def flags(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_settings(config: Config, artifact_dtype: str, *, dtype: str | None = None, max_batch: int | None = None,
+                     max_input_len: int | None = None, max_seq_len: int | None = None, plugin: str = "aot",
+                     optimization_level: int = 3, workspace_mib: int | None = None) -> BuildSettings:
+    """Build flags from the command line, the artifact and the size preset's defaults; UserError if inconsistent."""
+    limits = default_limits(config)
+    dtype = dtype or artifact_dtype
+    if dtype not in BUILD_DTYPES:
+        raise UserError(f"unknown --dtype {dtype!r}; choose one of {', '.join(BUILD_DTYPES)}")
+    if dtype != artifact_dtype:
+        raise UserError(f"the artifact was exported in {artifact_dtype}, and engines are built strongly typed from the "
+                        f"graph's own dtype: re-export with `sc2deploy export --target trt --dtype {dtype}`, or build "
+                        f"with --dtype {artifact_dtype}")
+    if plugin not in PLUGIN_MODES:
+        raise UserError(f"unknown --plugin {plugin!r}; choose aot (kernels in the engine) or jit (Python at run time)")
+    context = config.max_position_embeddings
+    max_seq_len = max_seq_len or min(limits.max_seq_len, context)
+    max_input_len = max_input_len or min(limits.max_input_len, max_seq_len)
+    max_batch = max_batch or limits.max_batch
+    for name, value in (("--max-batch", max_batch), ("--max-input-len", max_input_len),
+                        ("--max-seq-len", max_seq_len)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if max_seq_len > context:
+        raise UserError(f"--max-seq-len {max_seq_len} exceeds the model's context of {context} tokens")
+    if max_input_len > max_seq_len:
+        raise UserError(f"--max-input-len {max_input_len} exceeds --max-seq-len {max_seq_len}")
+    if not 0 <= optimization_level <= 5:
+        raise UserError(f"--optimization-level must be 0..5, got {optimization_level}")
+    return BuildSettings(dtype, max_batch, max_input_len, max_seq_len, plugin, optimization_level, workspace_mib)
+
+
+# ---------------------------------------------------------------- profiles
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    shapes: dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shapes": {k: [list(s) for s in v] for k, v in self.shapes.items()}}
+
+
+def profiles(config: Config, settings: BuildSettings) -> list[Profile]:
+    """The two optimization profiles: index 0 prefill, index 1 decode (the runtime relies on the order)."""
+    b, s, t = settings.max_batch, settings.max_input_len, settings.max_seq_len
+    c = settings.capacity(config)
+    nkv, h = config.num_key_value_heads, config.head_dim
+    s_opt = min(s, 512)
+    t_dec = min(t, max(2, config.cache_positions(t)))
+
+    def with_cache(ids: tuple[Shape, Shape, Shape], mask: tuple[Shape, Shape, Shape]) -> dict:
+        shapes = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+        batches = (ids[0][0], ids[1][0], ids[2][0])
+        for layer in range(config.num_hidden_layers):
+            for kind in ("key", "value"):
+                shapes[past_name(layer, kind)] = tuple((n, nkv, c, h) for n in batches)  # type: ignore[assignment]
+        return shapes
+
+    prefill = with_cache(((1, 1), (1, s_opt), (b, s)), ((1, 1), (1, s_opt), (b, t)))
+    decode = with_cache(((1, 1), (b, 1), (b, 1)), ((1, 1), (b, t_dec), (b, t)))
+    return [Profile(PREFILL, prefill), Profile(DECODE, decode)]
+
+
+def expected_io(config: Config) -> tuple[list[str], list[str]]:
+    n = config.num_hidden_layers
+    inputs = [INPUT_IDS, ATTENTION_MASK] + [past_name(i, k) for i in range(n) for k in ("key", "value")]
+    outputs = [LOGITS] + [present_name(i, k) for i in range(n) for k in ("key", "value")]
+    return inputs, outputs
+
+
+def check_graph_io(config: Config, inputs: list[str], outputs: list[str], where: str) -> None:
+    want_in, want_out = expected_io(config)
+    if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
+        missing = sorted(set(want_in + want_out) - set(inputs + outputs))
+        extra = sorted(set(inputs + outputs) - set(want_in + want_out))
+        raise UserError(f"{where} does not have the I/O of an `sc2deploy export --target trt` graph "
+                        f"(missing: {missing[:4] or 'none'}, unexpected: {extra[:4] or 'none'}); re-export it")
+
+
+# ---------------------------------------------------------------- the artifact
+@dataclass
+class Artifact:
+    folder: Path
+    manifest: dict
+    config: Config
+    dtype: str
+    model_path: Path
+
+
+def open_artifact(folder: str | Path) -> Artifact:
+    """The trt-target artifact at `folder` (files present and whole; hashes are the export's business)."""
+    from sc2deploy.export.manifest import verify_artifact
+
+    folder = Path(folder)
+    manifest = verify_artifact(folder, hashes=False)
+    if manifest.get("target") != "trt":
+        raise UserError(f"{folder} was exported for --target {manifest.get('target')}; TensorRT builds need the "
+                        f"plugin graph: `sc2deploy export ... --target trt --out DIR`")
+    config = Config.from_hf_dict(manifest["config"], source=str(folder / "sc2deploy.json"))
+    graph = manifest.get("graph") or {}
+    model_path = folder / graph.get("file", "model.onnx")
+    if not model_path.is_file():
+        raise UserError(f"{folder} has no {model_path.name}; re-export the artifact")
+    if graph.get("inputs") and graph.get("outputs"):
+        check_graph_io(config, list(graph["inputs"]), list(graph["outputs"]), str(model_path))
+    return Artifact(folder, manifest, config, str(manifest.get("dtype", "fp32")), model_path)
+
+
+# ---------------------------------------------------------------- the graph TensorRT parses
+PLUGIN_OP = "SlidingWindowGQA"
+PLUGIN_ATTRIBUTES = ("num_heads", "kv_num_heads", "local_window_size", "scale")
+
+
+def prepare_graph(model: Any, config: Config, plugin: str) -> int:
+    """Check the plugin nodes of a trt-target ModelProto and mark them for `plugin` (aot/jit); returns their count.
+
+    The ONNX parser maps a node to a plugin by op_type and the node's plugin_namespace attribute,
+    passes the attributes the plugin registered (num_heads, kv_num_heads, local_window_size,
+    scale: all four must be on the node) and reads "aot" to pick aot_impl (1) or impl (0).
+    Other attributes (head_size, rope_theta, ...) are documentation the parser ignores.
+    """
+    from onnx import helper
+
+    from sc2deploy.plugins.trt_rules import NAMESPACE, PLUGIN_VERSION, PluginRuleError, check_attributes
+
+    nodes = [n for n in model.graph.node if n.op_type == PLUGIN_OP]
+    if len(nodes) != config.num_hidden_layers:
+        raise UserError(f"the graph has {len(nodes)} {PLUGIN_OP} nodes for {config.num_hidden_layers} layers; "
+                        "it is not an `sc2deploy export --target trt` graph of this model: re-export it")
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        missing = [a for a in PLUGIN_ATTRIBUTES if a not in attrs]
+        if missing:
+            raise UserError(f"{PLUGIN_OP} node {node.name!r} lacks attribute(s) {missing}; re-export the artifact")
+        namespace = attrs.get("plugin_namespace", b"")
+        namespace = namespace.decode() if isinstance(namespace, bytes) else str(namespace)
+        version = attrs.get("plugin_version", b"1")
+        version = version.decode() if isinstance(version, bytes) else str(version)
+        if namespace != NAMESPACE or version != PLUGIN_VERSION:
+            raise UserError(f"{PLUGIN_OP} node {node.name!r} asks for plugin {namespace}::{PLUGIN_OP} version "
+                            f"{version}; this sc2deploy provides {NAMESPACE}::{PLUGIN_OP} version {PLUGIN_VERSION}")
+        expected = {"num_heads": config.num_attention_heads, "kv_num_heads": config.num_key_value_heads,
+                    "local_window_size": config.sliding_window or 0}
+        wrong = {k: attrs[k] for k, v in expected.items() if attrs[k] != v}
+        if wrong:
+            raise UserError(f"{PLUGIN_OP} node {node.name!r} has {wrong}, but the model config says "
+                            f"{ {k: expected[k] for k in wrong} }; re-export the artifact")
+        try:
+            check_attributes(attrs, config.head_dim)
+        except PluginRuleError as e:
+            raise UserError(f"{PLUGIN_OP} node {node.name!r}: {e}") from None
+        for attr in [a for a in node.attribute if a.name == "aot"]:
+            node.attribute.remove(attr)
+        node.attribute.append(helper.make_attribute("aot", int(plugin == "aot")))
+    return len(nodes)
+
+
+def prepare_model_bytes(model_path: Path, config: Config, plugin: str) -> tuple[bytes, int]:
+    """The artifact's graph (weights stay in the external-data file) ready for TensorRT's parser."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    count = prepare_graph(model, config, plugin)
+    return model.SerializeToString(), count
+
+
+# ---------------------------------------------------------------- engine manifest
+def engine_manifest(*, artifact: Artifact, settings: BuildSettings, tensorrt_version: str, gpu: dict[str, str],
+                    plugin_hash: str, build_seconds: float, engine_bytes: int, engine_sha256: str) -> dict:
+    from sc2deploy import __version__
+
+    inputs, outputs = expected_io(artifact.config)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "engine": {"file": ENGINE_FILE, "bytes": engine_bytes, "sha256": engine_sha256},
+        "tensorrt_version": tensorrt_version,
+        "gpu": {"name": gpu["name"], "compute_capability": gpu["compute_capability"]},
+        "plugin": {"namespace": "sc2deploy", "version": "1", "mode": settings.plugin, "hash": plugin_hash},
+        "build": {**settings.flags(), "capacity": settings.capacity(artifact.config), "strongly_typed": True,
+                  "seconds": round(build_seconds, 1)},
+        "profiles": [p.to_json() for p in profiles(artifact.config, settings)],
+        "io": {"inputs": inputs, "outputs": outputs},
+        "config": artifact.config.to_hf_dict(),
+        "dtype": settings.dtype,
+        "source": artifact.manifest.get("source"),
+        "artifact": {"path": str(artifact.folder.resolve()),
+                     "files": {k: v.get("sha256") for k, v in artifact.manifest.get("files", {}).items()}},
+        "sc2deploy_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def read_engine_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise UserError(f"engine folder {folder} does not exist; make one with `sc2deploy build ARTIFACT --out DIR`")
+    if not path.is_file():
+        raise UserError(f"{folder} is not an sc2deploy engine folder (no {MANIFEST}); build one with "
+                        "`sc2deploy build ARTIFACT --out DIR`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); rebuild the engine") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        what = manifest.get("format") if isinstance(manifest, dict) else None
+        hint = " (an export artifact: build an engine from it with `sc2deploy build`)" if what == ARTIFACT_FORMAT else ""
+        raise UserError(f"{path} is not an sc2deploy engine manifest (format {what!r}){hint}")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise UserError(f"{path} has format version {manifest['format_version']}, newer than this sc2deploy reads "
+                        f"({FORMAT_VERSION}); upgrade sc2deploy")
+    for key in ("tensorrt_version", "gpu", "plugin", "build", "config", "engine"):
+        if key not in manifest:
+            raise UserError(f"{path} lacks {key!r}; rebuild the engine")
+    return manifest
+
+
+def check_engine_manifest(manifest: dict, *, tensorrt_version: str, gpu_name: str, compute_capability: str,
+                          plugin_hash: str | None) -> list[str]:
+    """Raise UserError if this engine cannot load here; return warnings for what merely differs.
+
+    TensorRT deserializes only engines of its own exact version, built for the same compute
+    capability (we never build version- or hardware-compatible engines: plugins exclude them).
+    """
+    built_with = str(manifest["tensorrt_version"])
+    gpu = manifest["gpu"]
+    rebuild = "rebuild it here: `sc2deploy build ARTIFACT --out DIR`"
+    if built_with != tensorrt_version:
+        raise UserError(f"this engine was built with TensorRT {built_with}, but TensorRT {tensorrt_version} is "
+                        f"installed, and engines load only in the TensorRT version that built them: {rebuild}, or run "
+                        f"it with TensorRT {built_with} (the image that built it)")
+    if str(gpu.get("compute_capability")) != compute_capability:
+        raise UserError(f"this engine was built for {gpu.get('name')} (compute capability "
+                        f"{gpu.get('compute_capability')}), but this GPU is {gpu_name} (compute capability "
+                        f"{compute_capability}); engines are compiled for one GPU architecture: {rebuild} on this GPU")
+    warnings = []
+    if gpu.get("name") != gpu_name:
+        warnings.append(f"engine tuned on {gpu.get('name')}, running on {gpu_name} (same compute capability "
+                        f"{compute_capability}): it runs, but rebuild here for the best kernels")
+    plugin = manifest["plugin"]
+    if plugin_hash is not None and plugin.get("hash") != plugin_hash:
+        if plugin.get("mode") == "jit":
+            raise UserError("this engine runs the sliding-window plugin from Python (--plugin jit) and the plugin code "
+                            f"changed since it was built (hash {str(plugin.get('hash'))[:12]}, now {plugin_hash[:12]}): "
+                            f"{rebuild}")
+        warnings.append("the plugin source changed since this engine was built; its kernels are embedded (aot), so "
+                        "it runs as built")
+    return warnings
+
+
+def engine_limits(manifest: dict) -> tuple[int, int, int, int]:
+    """(max_batch, max_input_len, max_seq_len, capacity) of an engine."""
+    b = manifest["build"]
+    return int(b["max_batch"]), int(b["max_input_len"]), int(b["max_seq_len"]), int(b["capacity"])
+
+
+# ---------------------------------------------------------------- writing the folder
+def write_engine_folder(out: Path, engine: bytes | memoryview, manifest_without_hashes: Callable[[int, str], dict],
+                        extra_files: dict[str, Path], force: bool) -> dict:
+    """Write model.plan, the manifest and `extra_files` into a temporary folder, then rename it to `out`."""
+    import hashlib
+
+    out = Path(out)
+    check_destination(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        data = bytes(engine)
+        (tmp / ENGINE_FILE).write_bytes(data)
+        for name, src in extra_files.items():
+            shutil.copyfile(src, tmp / name)
+        manifest = manifest_without_hashes(len(data), hashlib.sha256(data).hexdigest())
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(manifest["config"], indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def check_destination(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise UserError(f"{out} exists and is not empty; pass --force to replace an earlier engine, or choose another --out")
+    if not (out / MANIFEST).is_file() or not (out / ENGINE_FILE).is_file():
+        raise UserError(f"{out} is not an sc2deploy engine folder; --force replaces only an earlier engine: remove the "
+                        "folder yourself or choose another --out")
+
+
+# ---------------------------------------------------------------- the TensorRT half
+@dataclass
+class BuildResult:
+    folder: Path
+    manifest: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_engine(artifact_dir: str | Path, out: str | Path, settings: BuildSettings | None = None, *,
+                 force: bool = False, verbose: bool = False, log: Callable[[str], None] | None = None,
+                 **overrides: Any) -> BuildResult:
+    """Parse the trt-target ONNX with the plugins registered, build both profiles, write the engine folder.
+
+    settings=None: `resolve_settings` from `overrides` (dtype, max_batch, max_input_len, max_seq_len, plugin, ...).
+    """
+    from sc2deploy.plugins.trt_env import gpu_identity, require_cuda, require_tensorrt, require_triton
+
+    artifact = open_artifact(artifact_dir)
+    if settings is None:
+        settings = resolve_settings(artifact.config, artifact.dtype, **overrides)
+    check_destination(Path(out), force)
+    require_tensorrt("sc2deploy build")
+    require_triton("sc2deploy build")
+    require_cuda("sc2deploy build")
+    import tensorrt as trt  # typed by tensorrt-stubs
+    say = log or (lambda message: print(message, file=sys.stderr))
+
+    from sc2deploy.plugins import trt_plugin
+    from sc2deploy.plugins.trt_rules import plugin_hash
+
+    trt_plugin.register_plugins()
+    start = time.time()
+    model_bytes, n_nodes = prepare_model_bytes(artifact.model_path, artifact.config, settings.plugin)
+    say(f"parsing {artifact.model_path} ({n_nodes} SlidingWindowGQA nodes, {settings.plugin} plugin)")
+
+    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    prefer = (trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS if settings.plugin == "aot"
+              else trt.NetworkDefinitionCreationFlag.PREFER_JIT_PYTHON_PLUGINS)
+    flags = (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) | (1 << int(prefer))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model_bytes, str(artifact.model_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise UserError(f"TensorRT could not parse {artifact.model_path}: " + "; ".join(errors[:5])
+                        + ("" if len(errors) <= 5 else f" (and {len(errors) - 5} more)"))
+    names_in = [network.get_input(i).name for i in range(network.num_inputs)]
+    names_out = [network.get_output(i).name for i in range(network.num_outputs)]
+    check_graph_io(artifact.config, names_in, names_out, str(artifact.model_path))
+
+    config = builder.create_builder_config()
+    config.builder_optimization_level = settings.optimization_level
+    if settings.workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mib << 20)
+    for profile in profiles(artifact.config, settings):
+        p = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.shapes.items():
+            p.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+        if config.add_optimization_profile(p) < 0:
+            raise UserError(f"TensorRT refused the {profile.name} optimization profile: {profile.to_json()}")
+    say(f"building {settings.dtype} engine: batch <= {settings.max_batch}, prefill <= {settings.max_input_len} "
+        f"tokens, sequence <= {settings.max_seq_len}, cache {settings.capacity(artifact.config)} slots")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise UserError("TensorRT failed to build the engine (its log above says why); rerun with --verbose")
+    seconds = time.time() - start
+
+    gpu = gpu_identity()
+    extra = {name: artifact.folder / name for name in ("tokenizer.json",) if (artifact.folder / name).is_file()}
+
+    def manifest_for(nbytes: int, sha: str) -> dict:
+        return engine_manifest(artifact=artifact, settings=settings, tensorrt_version=str(trt.__version__), gpu=gpu,
+                               plugin_hash=plugin_hash(), build_seconds=seconds, engine_bytes=nbytes,
+                               engine_sha256=sha)
+
+    manifest = write_engine_folder(Path(out), memoryview(serialized), manifest_for, extra, force)
+    return BuildResult(Path(out), manifest)

@@ -1,0 +1,189 @@
+"""The TensorRT plugin's rules in plain Python: names, I/O, shape and dtype rules, tactics, hash.
+
+`trt_plugin.py` hands these to `tensorrt.plugin` (register / autotune / aot_impl / impl);
+keeping them here lets them be unit tested where TensorRT is not installed. Nothing here
+imports tensorrt or triton.
+
+One plugin, `sc2deploy::SlidingWindowGQA` version "1", computes the whole contract of
+`sc2deploy.attention` (RoPE, ring-cache write, sliding-window attention) for the export's node
+of the same op_type: its `aot_impl` embeds one launch of the fused Triton kernel
+(`triton_kernel.sliding_window_gqa_kernel`, FUSED) in the engine, so engines run without
+Python; its `impl` launches the same kernel from Python (just in time).
+
+Kernel parameter order is TensorRT's AOT calling convention: (input pointers..., the int32
+extra arguments..., output pointers...): the fused kernel takes the contract's nine inputs,
+(seq_len, capacity), then output, present_key, present_value.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NAMESPACE = "sc2deploy"
+PLUGIN_VERSION = "1"
+
+# Input kinds: "act" tensors share one floating dtype (fp16, bf16 or fp32); the rest are fixed.
+ACT, INT32, FP32 = "act", "int32", "fp32"
+FLOAT_DTYPES = ("fp16", "bf16", "fp32")
+AUTOTUNE_NAMES = {"fp16": "FP16", "bf16": "BF16", "fp32": "FP32", "int32": "INT32"}
+
+CONTRACT_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+                   "cos_cache", "sin_cache")
+INPUT_KINDS = {"query": ACT, "key": ACT, "value": ACT, "past_key": ACT, "past_value": ACT,
+               "seqlens_k": INT32, "total_sequence_length": INT32,
+               "cos_cache": FP32, "sin_cache": FP32}
+INPUT_RANKS = {"query": 3, "key": 3, "value": 3, "past_key": 4,
+               "past_value": 4, "seqlens_k": 1, "total_sequence_length": 0, "cos_cache": 2, "sin_cache": 2}
+ATTRIBUTES: tuple[tuple[str, type], ...] = (("num_heads", int), ("kv_num_heads", int),
+                                            ("local_window_size", int), ("scale", float))
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One plugin: its inputs, outputs (each shaped and typed like an input), attributes, kernel."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    like: tuple[int, ...]  # output i has the shape and dtype of input like[i]
+    attributes: tuple[tuple[str, type], ...]
+    kernel: str | None  # the one Triton kernel an aot_impl embeds (triton_kernel.aot_signature's name)
+    extra_args: tuple[str, ...] = ()  # int32 kernel scalars between input and output pointers
+
+    @property
+    def plugin_id(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    @property
+    def attribute_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.attributes)
+
+
+GQA = OpSpec("SlidingWindowGQA", CONTRACT_INPUTS, ("output", "present_key", "present_value"), (0, 3, 4),
+              ATTRIBUTES, kernel="fused", extra_args=("seq_len", "capacity"))
+SPECS = {GQA.name: GQA}
+
+
+class PluginRuleError(ValueError):
+    """An input the plugin cannot take; the message names the input and what it must be."""
+
+
+# ---------------------------------------------------------------- dtype and shape rules (register)
+def output_dtypes(spec: OpSpec, input_dtypes: Sequence[str]) -> list[str]:
+    """Output dtypes from input dtypes ("fp16", "bf16", "fp32", "int32", ...); raises PluginRuleError.
+
+    Rule: every activation input (query, key, value, caches) has one floating dtype, which the
+    outputs take; seqlens_k and total_sequence_length are int32; the cos/sin caches float32.
+    """
+    if len(input_dtypes) != len(spec.inputs):
+        raise PluginRuleError(f"{spec.name} takes {len(spec.inputs)} inputs ({', '.join(spec.inputs)}), "
+                              f"got {len(input_dtypes)}")
+    act = input_dtypes[0]
+    if act not in FLOAT_DTYPES:
+        raise PluginRuleError(f"{spec.name}: {spec.inputs[0]} is {act}; it must be one of {', '.join(FLOAT_DTYPES)}")
+    for name, dtype in zip(spec.inputs, input_dtypes):
+        kind = INPUT_KINDS[name]
+        want = act if kind == ACT else kind
+        if dtype != want:
+            why = f"like {spec.inputs[0]}" if kind == ACT else "always"
+            raise PluginRuleError(f"{spec.name}: input {name} is {dtype}, expected {want} ({why})")
+    return [input_dtypes[i] for i in spec.like]
+
+
+def output_shapes(spec: OpSpec, input_shapes: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+    """Output shapes: each output has its `like` input's shape (dims may be ints or symbolic)."""
+    if len(input_shapes) != len(spec.inputs):
+        raise PluginRuleError(f"{spec.name} takes {len(spec.inputs)} inputs, got {len(input_shapes)}")
+    return [input_shapes[i] for i in spec.like]
+
+
+def check_ranks(spec: OpSpec, ranks: Sequence[int]) -> None:
+    for name, rank in zip(spec.inputs, ranks):
+        if rank != INPUT_RANKS[name]:
+            raise PluginRuleError(f"{spec.name}: input {name} has rank {rank}, expected {INPUT_RANKS[name]}")
+
+
+def check_shapes(spec: OpSpec, shapes: Sequence[Sequence[int | None]], attrs: dict[str, Any]) -> None:
+    """Static consistency of known dims (None = dynamic) with the attributes; raises PluginRuleError."""
+    check_ranks(spec, [len(s) for s in shapes])
+    check_attributes(attrs, head_dim=None)
+    by_name = dict(zip(spec.inputs, shapes))
+    nq, nkv = attrs["num_heads"], attrs["kv_num_heads"]
+    head_dim = None
+    cache = by_name.get("past_key")
+    if cache is not None and cache[3] is not None:
+        head_dim = cache[3]
+        if cache[1] is not None and cache[1] != nkv:
+            raise PluginRuleError(f"{spec.name}: past_key has {cache[1]} heads, kv_num_heads is {nkv}")
+    for name, heads in (("query", nq), ("key", nkv), ("value", nkv)):
+        shape = by_name.get(name)
+        if shape is None or shape[2] is None:
+            continue
+        if head_dim is None:
+            if shape[2] % heads:
+                raise PluginRuleError(f"{spec.name}: {name} width {shape[2]} is not a multiple of {heads} heads")
+            head_dim = shape[2] // heads
+        if shape[2] != heads * head_dim:
+            raise PluginRuleError(f"{spec.name}: {name} width {shape[2]} is not {heads} heads x {head_dim}")
+    for name in ("cos_cache", "sin_cache"):
+        shape = by_name.get(name)
+        if shape is not None and head_dim is not None and shape[1] is not None and shape[1] * 2 != head_dim:
+            raise PluginRuleError(f"{spec.name}: {name} has {shape[1]} columns, expected head_dim/2 = {head_dim // 2}")
+    if head_dim is not None:
+        check_attributes(attrs, head_dim)
+
+
+def check_attributes(attrs: dict[str, Any], head_dim: int | None) -> None:
+    nq, nkv = attrs.get("num_heads"), attrs.get("kv_num_heads")
+    if not isinstance(nq, int) or not isinstance(nkv, int) or nq <= 0 or nkv <= 0 or nq % nkv:
+        raise PluginRuleError(f"num_heads={nq} must be a positive multiple of kv_num_heads={nkv}")
+    if "scale" in attrs and not float(attrs["scale"]) > 0:
+        raise PluginRuleError(f"scale={attrs['scale']} must be positive")
+    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
+        raise PluginRuleError(f"head_dim={head_dim}: the Triton kernel needs a power of two >= 16")
+
+
+# ---------------------------------------------------------------- autotune: types and tactics
+def autotune_types(spec: OpSpec, float_dtypes: Sequence[str] = FLOAT_DTYPES) -> str:
+    """The `AutoTuneCombination` type string: activations and outputs share one of `float_dtypes`."""
+    floats = "|".join(AUTOTUNE_NAMES[d] for d in float_dtypes)
+    fixed = {INT32: "INT32", FP32: "FP32"}
+    ins = [floats if INPUT_KINDS[n] == ACT else fixed[INPUT_KINDS[n]] for n in spec.inputs]
+    return ", ".join(ins + [floats] * len(spec.outputs))
+
+
+# Tactics: block shapes, not numerics (every tactic computes the same contract). TensorRT times
+# each per optimization profile, so the decode profile can take the decode tiles and the prefill
+# profile the prefill tiles. "compact" keeps shared memory small: a launch that works whatever
+# the AOT launcher does about dynamic shared memory above 48 KiB.
+TACTICS = {1: "prefill", 2: "decode", 3: "compact"}
+
+
+# ---------------------------------------------------------------- the AOT launch, symbolically
+def aot_extra_args(spec: OpSpec, input_shapes: Sequence[Sequence[Any]]) -> list[Any]:
+    """The int32 scalars passed between input and output pointers: (seq_len, capacity).
+
+    seq_len = query.shape[1] and capacity = past_key.shape[2]; dims may be symbolic (ShapeExpr).
+    """
+    by_name = dict(zip(spec.inputs, input_shapes))
+    values = {"seq_len": by_name["query"][1], "capacity": by_name["past_key"][2]}
+    return [values[name] for name in spec.extra_args]
+
+
+# ---------------------------------------------------------------- plugin hash
+PLUGIN_SOURCES = ("triton_kernel.py", "trt_kernels.py", "trt_plugin.py", "trt_rules.py")
+
+
+def plugin_hash(folder: Path | None = None) -> str:
+    """sha256 over the plugin's source files (name and bytes, in a fixed order): changes when the plugin does."""
+    folder = folder or Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in PLUGIN_SOURCES:
+        path = folder / name
+        h.update(name.encode() + b"\0")
+        h.update(path.read_bytes() if path.is_file() else b"<missing>")
+        h.update(b"\0")
+    return h.hexdigest()
