@@ -9,6 +9,8 @@ from torch import Tensor
 
 from sc2deploy.errors import UserError
 
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +26,8 @@ class SamplingParams:
             raise UserError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise UserError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / temperature would overflow float32
+            raise UserError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -59,6 +63,7 @@ class Sampler:
             sorted_scores, order = torch.sort(scores, descending=True)
             cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
             drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= p.top_p  # keep the first token always
+            drop[0] = False  # (even when a tiny top_p rounds to 0 in float32)
             scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

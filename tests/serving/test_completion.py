@@ -90,6 +90,12 @@ def test_logprobs(server, oracle):
     assert [e.token_id for c in chunks for e in c.logprobs] == expected.output_ids
 
 
+def test_tiny_top_p_keeps_the_most_likely_token(server, oracle):
+    greedy = server.client.complete(make_request(PROMPT, max_tokens=8), timeout=60)
+    tiny = server.client.complete(make_request(PROMPT, max_tokens=8, temperature=0.7, top_p=1e-300, seed=3), timeout=60)
+    assert list(tiny.token_ids) == list(greedy.token_ids)
+
+
 def test_model_info(server):
     info = server.client.info()
     assert (info.size, info.runtime, info.dtype) == ("tiny", "eager", "fp32")
