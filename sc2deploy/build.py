@@ -426,14 +426,15 @@ def build_engine(artifact_dir: str | Path, out: str | Path, settings: BuildSetti
     """
     from sc2deploy.plugins.trt_env import gpu_identity, require_cuda, require_tensorrt, require_triton
 
+    require_tensorrt("sc2deploy build")  # first: on a machine without TensorRT nothing else matters
+    require_triton("sc2deploy build")
+    require_cuda("sc2deploy build")
+    import tensorrt as trt  # typed by tensorrt-stubs
+
     artifact = open_artifact(artifact_dir)
     if settings is None:
         settings = resolve_settings(artifact.config, artifact.dtype, **overrides)
     check_destination(Path(out), force)
-    require_tensorrt("sc2deploy build")
-    require_triton("sc2deploy build")
-    require_cuda("sc2deploy build")
-    import tensorrt as trt  # typed by tensorrt-stubs
     say = log or (lambda message: print(message, file=sys.stderr))
 
     from sc2deploy.plugins import trt_plugin

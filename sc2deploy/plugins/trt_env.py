@@ -46,7 +46,13 @@ def require_tensorrt(what: str = "this command") -> ModuleType:
     """The `tensorrt` module, or a UserError naming what to install."""
     try:
         trt = _import("tensorrt")
+        if getattr(trt, "__file__", None) is None and not hasattr(trt, "__version__"):
+            # A folder without __init__.py imports as a namespace package: tensorrt-stubs' .pyi files.
+            raise UserError(f"TensorRT is not installed (only its type stubs, tensorrt-stubs, are); {what} needs "
+                            f"it: {INSTALL_HINT}")
         version = str(trt.__version__)
+    except UserError:
+        raise
     except ImportError as e:
         raise UserError(f"TensorRT is not installed ({what} needs it; import failed: {e}): {INSTALL_HINT}") from None
     except Exception as e:  # a stub package, a broken wheel, missing libnvinfer

@@ -21,17 +21,15 @@ No `from __future__ import annotations` here: tensorrt.plugin inspects these ann
 run time and needs the real classes. The tensorrt-stubs package has no stubs for
 tensorrt.plugin, so for mypy `trtp` is Any and these annotations check loosely.
 """
-import os
 from typing import List, Tuple, Union
 
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
 from sc2deploy.plugins import trt_kernels, trt_rules
-from sc2deploy.plugins.trt_rules import GQA, TACTICS
+from sc2deploy.plugins.trt_rules import GQA, TACTICS, tactic_ids
 
 PLUGIN_ID = GQA.plugin_id
-TACTICS_ENV = "SC2DEPLOY_TRT_TACTICS"  # e.g. "compact": restrict the tactics TensorRT may time
 
 _DTYPE_NAMES = {trt.DataType.HALF: "fp16", trt.DataType.BF16: "bf16", trt.DataType.FLOAT: "fp32",
                 trt.DataType.INT32: "int32", trt.DataType.INT64: "int64", trt.DataType.INT8: "int8"}
@@ -39,18 +37,6 @@ _DTYPE_NAMES = {trt.DataType.HALF: "fp16", trt.DataType.BF16: "bf16", trt.DataTy
 
 def dtype_name(dtype: trt.DataType) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype))
-
-
-def tactic_ids() -> list[int]:
-    """The tactics TensorRT may time: all of trt_rules.TACTICS, or those named in $SC2DEPLOY_TRT_TACTICS."""
-    wanted = [w.strip() for w in os.environ.get(TACTICS_ENV, "").split(",") if w.strip()]
-    if not wanted:
-        return sorted(TACTICS)
-    ids = [i for i, name in TACTICS.items() if name in wanted]
-    if not ids:
-        raise ValueError(f"${TACTICS_ENV}={os.environ[TACTICS_ENV]!r} names no tactic; choose from "
-                         f"{', '.join(TACTICS.values())}")
-    return ids
 
 
 def _attrs(num_heads: int, kv_num_heads: int, local_window_size: int, scale: float) -> dict:

@@ -17,6 +17,7 @@ extra arguments..., output pointers...): the fused kernel takes the contract's n
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,20 @@ def autotune_types(spec: OpSpec, float_dtypes: Sequence[str] = FLOAT_DTYPES) -> 
 # profile the prefill tiles. "compact" keeps shared memory small: a launch that works whatever
 # the AOT launcher does about dynamic shared memory above 48 KiB.
 TACTICS = {1: "prefill", 2: "decode", 3: "compact"}
+TACTICS_ENV = "SC2DEPLOY_TRT_TACTICS"  # e.g. "compact": restrict the tactics TensorRT may time
+
+
+def tactic_ids(environ: dict[str, str] | None = None) -> list[int]:
+    """The tactics TensorRT may time: all of TACTICS, or those named in $SC2DEPLOY_TRT_TACTICS."""
+    environ = dict(os.environ) if environ is None else environ
+    wanted = [w.strip() for w in environ.get(TACTICS_ENV, "").split(",") if w.strip()]
+    if not wanted:
+        return sorted(TACTICS)
+    unknown = [w for w in wanted if w not in TACTICS.values()]
+    if unknown:
+        raise PluginRuleError(f"${TACTICS_ENV} names unknown tactic(s) {unknown}; choose from "
+                              f"{', '.join(TACTICS.values())}")
+    return [i for i, name in sorted(TACTICS.items()) if name in wanted]
 
 
 # ---------------------------------------------------------------- the AOT launch, symbolically

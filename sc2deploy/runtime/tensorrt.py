@@ -65,7 +65,37 @@ class TrtRuntime(Runtime):
                                              plugin_hash=plugin_hash()):
             log.warning("%s: %s", folder, warning)
 
-        self.folder, self.manifest = folder, manifest
+        if manifest["plugin"].get("mode") == "jit":
+            from sc2deploy.plugins.trt_plugin import register_plugins  # the engine calls back into Python
+
+            register_plugins()
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        path = folder / manifest["engine"].get("file", ENGINE_FILE)
+        if not path.is_file():
+            raise UserError(f"{folder} lacks {path.name}; rebuild the engine")
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise UserError(f"TensorRT {trt.__version__} could not load {path} although its manifest matches this "
+                            "machine; the file may be corrupt: rebuild it with `sc2deploy build`")
+        self._keep: tuple[Any, ...] = (logger, runtime)  # the engine must not outlive them
+        self._setup(trt, engine, manifest, folder, max_batch, capacity, torch.device("cuda", device))
+
+    @classmethod
+    def from_engine(cls, trt: Any, engine: Any, manifest: dict, folder: Path, max_batch: int = 1,
+                    capacity: int | None = None, device: str | torch.device = "cuda") -> TrtRuntime:
+        """A runtime over an already deserialized engine (and the tensorrt module it came from): no checks.
+
+        The tests use it with a stand-in engine on the CPU.
+        """
+        self = cls.__new__(cls)
+        self._keep = ()
+        self._setup(trt, engine, manifest, Path(folder), max_batch, capacity, torch.device(device))
+        return self
+
+    def _setup(self, trt: Any, engine: tensorrt.ICudaEngine, manifest: dict, folder: Path, max_batch: int,
+               capacity: int | None, device: torch.device) -> None:
+        self.folder, self.manifest, self.device = folder, manifest, device
         self.config = Config.from_hf_dict(manifest["config"], source=str(folder / "sc2deploy.json"))
         self.dtype = str(manifest["dtype"])
         engine_batch, self.max_input_len, self.max_seq_len, engine_capacity = engine_limits(manifest)
@@ -77,26 +107,11 @@ class TrtRuntime(Runtime):
                             f"cache positions (built with --max-seq-len {self.max_seq_len}): rebuild with a larger "
                             "--max-seq-len")
         self.max_batch, self.capacity = max_batch, engine_capacity
-        self.device = torch.device("cuda", device)
-
-        if manifest["plugin"].get("mode") == "jit":
-            from sc2deploy.plugins.trt_plugin import register_plugins  # the engine calls back into Python
-
-            register_plugins()
         self._trt = trt
-        self._logger: tensorrt.Logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime: tensorrt.Runtime = trt.Runtime(self._logger)
-        path = folder / manifest["engine"].get("file", ENGINE_FILE)
-        if not path.is_file():
-            raise UserError(f"{folder} lacks {path.name}; rebuild the engine")
-        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise UserError(f"TensorRT {trt.__version__} could not load {path} although its manifest matches this "
-                            "machine; the file may be corrupt: rebuild it with `sc2deploy build`")
-        self._engine: tensorrt.ICudaEngine = engine
+        self._engine = engine
         if engine.num_optimization_profiles < 2:
-            raise UserError(f"{path} has {engine.num_optimization_profiles} optimization profile(s), expected "
-                            "prefill and decode; rebuild it with `sc2deploy build`")
+            raise UserError(f"the engine in {folder} has {engine.num_optimization_profiles} optimization profile(s), "
+                            "expected prefill and decode; rebuild it with `sc2deploy build`")
         self._check_bindings()
 
         # Two contexts, one activation buffer: they never run concurrently.
@@ -105,13 +120,12 @@ class TrtRuntime(Runtime):
                                                             for _ in range(2)]
         size = max(engine.get_device_memory_size_for_profile_v2(i) for i in range(2))
         self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
-        stream = torch.cuda.current_stream(self.device)
         for index, context in enumerate(self._contexts):
             if context is None:
                 raise UserError("TensorRT could not create an execution context (out of GPU memory?)")
             context.set_device_memory(self._scratch.data_ptr(), size)
-            context.set_optimization_profile_async(index, stream.cuda_stream)
-        stream.synchronize()
+            context.set_optimization_profile_async(index, self._stream())
+        self._synchronize()
 
         c = self.config
         shape = (max_batch, c.num_key_value_heads, self.capacity, c.head_dim)
@@ -194,7 +208,7 @@ class TrtRuntime(Runtime):
         return logits[:, -1].index_select(0, picked).float().cpu()
 
     def describe(self) -> dict:
-        return {**super().describe(), "engine": str(self.folder), "tensorrt": str(self._trt.__version__),
+        return {**super().describe(), "engine": str(self.folder), "tensorrt": str(getattr(self._trt, "__version__", "?")),
                 "plugin": self.manifest["plugin"].get("mode"), "max_input_len": self.max_input_len,
                 "max_seq_len": self.max_seq_len}
 
@@ -212,8 +226,7 @@ class TrtRuntime(Runtime):
                 self._bind(context, past_name(layer, kind), past[layer][k][rows], is_input=True)
                 self._bind(context, present_name(layer, kind), present[layer][k][rows], is_input=False)
         self._bind(context, LOGITS, logits, is_input=False)
-        stream = torch.cuda.current_stream(self.device)
-        if not context.execute_async_v3(stream.cuda_stream):
+        if not context.execute_async_v3(self._stream()):
             raise RuntimeError(f"TensorRT failed to run the engine (batch {batch}, sequence {seq}, "
                                f"total {mask.shape[1]}); see the TensorRT log above")
         return logits
@@ -226,6 +239,13 @@ class TrtRuntime(Runtime):
         if not tensor.is_contiguous():
             raise AssertionError(f"{name} is not contiguous")
         context.set_tensor_address(name, tensor.data_ptr())
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _copy_back(self, slots: list[int]) -> None:
         index = torch.tensor(slots, device=self.device)
