@@ -21,10 +21,13 @@ Metrics, per case over every real position (prompt and decode) of every row, e =
 A case passes when every logit is finite, every position has max|r - e| <= atol + rtol * max|e|, and
 KL max <= kl. A top-1 flip that is not a near-tie always fails: it needs a logit out of tolerance.
 
-Polygraphy: `RuntimeRunner` is a `polygraphy.backend.base.BaseRunner`, so our runtimes run under
-`Comparator.run` (activation, timing, RunResults) and in any Polygraphy workflow. The comparison is
-ours, not `CompareFunc.simple`: its relative error is elementwise (|r - e| / |e|), meaningless for logits,
-and LLM parity needs KL, top-1 and greedy divergence, which Polygraphy does not compute.
+Polygraphy: `RuntimeRunner` is a `polygraphy.backend.base.BaseRunner` (PytRunner was the template), so
+our runtimes run under `Comparator.run` (activation, timing, RunResults) and fit any Polygraphy workflow.
+Two parts of the comparator do not fit and are not used: one `Comparator.run` over both runners, since the
+runtime's feed (the greedy tokens) is the reference's output, so each case runs the reference, then the
+runtime; and `CompareFunc.simple`, whose relative error is elementwise (|r - e| / |e|, unbounded where a
+logit crosses zero, while logit errors scale with the position's logit range) and which has no KL, top-1
+or greedy divergence. Polygraphy is imported only when a check runs.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from sc2deploy.tokenizer import Tokenizer
 MANIFEST = "sc2deploy.json"
 DECODE_STEPS = 64  # greedy tokens of the decode case
 FOLLOW_UP_STEPS = 8  # greedy tokens after the prompt of every other case
-SUITE_SEED_OFFSETS = (0, 3001, 7919)  # where the batch rows start in the code text
+BATCH_OFFSETS, DECODE_OFFSET = (0, 3001, 7919), 1000  # where prompts start in the code text (PromptText)
 CHUNK = 256  # positions compared at a time (a real vocabulary in float64 is 390 KB per position)
 
 
@@ -116,8 +119,12 @@ FIM_PREFIX = "def mean(values):\n    total = 0\n    for v in values:\n"
 FIM_SUFFIX = "    return total / len(values)\n\n\nprint(mean([1, 2, 3]))\n"
 
 
+PROMPT_SOURCES = ("model.py", "attention.py", "config.py", "checkpoint.py", "tokenizer.py")
+
+
 class PromptText:
-    """Token ids of real code: sc2deploy's own sources, cut to any length (ids folded into small vocabularies)."""
+    """Token ids of real code, cut to any length: the reference model's own sources (PROMPT_SOURCES), repeated as
+    needed. Ids beyond a small test vocabulary are folded into it (id % vocab_size)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
@@ -132,8 +139,8 @@ class PromptText:
     def take(self, n: int, offset: int = 0) -> list[int]:
         if len(self._ids) < offset + n:
             if not self._ids:
-                sources = sorted(Path(__file__).resolve().parent.rglob("*.py"))
-                self._ids = self.encode("".join(p.read_text(encoding="utf-8") for p in sources))
+                package = Path(__file__).resolve().parent
+                self._ids = self.encode("".join((package / f).read_text(encoding="utf-8") for f in PROMPT_SOURCES))
             self._ids = self._ids * math.ceil((offset + n) / len(self._ids))
         return self._ids[offset:offset + n]
 
@@ -158,13 +165,13 @@ def build_suite(config: Config, tokenizer: Tokenizer, decode_steps: int = DECODE
         Case("long", f"a {long_len}-token prompt, window {window}", [text.take(long_len)]),
         Case("fim", "a fill-in-the-middle prompt", [fim]),
         Case("batch", f"prompts of {', '.join(map(str, batch_lens))} tokens in one batch",
-             [text.take(n, off) for n, off in zip(batch_lens, SUITE_SEED_OFFSETS)]),
+             [text.take(n, off) for n, off in zip(batch_lens, BATCH_OFFSETS)]),
         Case("decode", f"{decode_steps} greedy tokens after {decode_len}, past window {window}",
-             [text.take(decode_len, 1000)], decode_steps),
+             [text.take(decode_len, DECODE_OFFSET)], decode_steps),
     ]
     for case in extra:
-        if max(len(p) for p in case.prompts) > context:
-            raise UserError(f"prompt {case.name!r} ({case.description}) is longer than the model's context of "
+        if max(len(p) for p in case.prompts) >= context:
+            raise UserError(f"prompt {case.name!r} ({case.description}) leaves no room in the model's context of "
                             f"{context} tokens; shorten it")
     for case in [*cases, *extra]:  # tiny test contexts: keep the end of a prompt (a FIM prompt's <fim_middle>)
         case.prompts = [p[-(context - 1):] for p in case.prompts]
@@ -564,7 +571,12 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
     if backend == "eager":
         runtime = EagerRuntime(tested_source, dtype="fp32", max_batch=slots)
     else:
-        runtime = open_runtime(backend, artifact=folder, engine=folder, max_batch=slots, **options)
+        try:
+            runtime = open_runtime(backend, artifact=folder, engine=folder, max_batch=slots, **options)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # e.g. the backend's library is missing or refuses the model
+            raise UserError(f"cannot open {folder} with the {backend} runtime: {type(e).__name__}: {e}") from e
     shape = config_differences(source.config, runtime.config, SHAPE_FIELDS)
     if shape:
         raise UserError(f"{folder} holds a different model than the reference ({source.description}): "

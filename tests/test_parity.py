@@ -1,7 +1,7 @@
 """The parity checker: a correct runtime passes, a corrupted one fails and says where (issue #3).
 
-Runtimes under test here are eager runtimes with the window off by one or one weight moved; the tests
-that corrupt a real ONNX export are in tests/test_parity_export.py.
+First with eager runtimes under test (the window off by one, one weight moved), then the acceptance of
+the issue on a real ONNX export (--target ort) corrupted the same two ways.
 """
 from __future__ import annotations
 
@@ -29,8 +29,14 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def suite(tokenizer):
+def full_suite(tokenizer):
     return parity.build_suite(TINY, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def suite(tokenizer):
+    """The suite with 40 decode steps instead of 64: still two windows past the 24-token prompt, and faster."""
+    return parity.build_suite(TINY, tokenizer, decode_steps=40)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +54,8 @@ def by_name(report_or_cases):
 
 
 # ---------------------------------------------------------------- the suite
-def test_suite_covers_the_issue(suite, tokenizer):
-    cases = by_name(suite)
+def test_suite_covers_the_issue(full_suite, tokenizer):
+    cases = by_name(full_suite)
     assert set(cases) == {"short", "long", "fim", "batch", "decode"}
     assert len(cases["short"].prompts[0]) < W
     assert len(cases["long"].prompts[0]) == 2 * W + 5
@@ -75,7 +81,7 @@ def test_same_weights_pass_with_zero_error(reference, suite):
     assert report.passed and report.exit_code == 0
     for case in report.cases:
         assert case.max_abs == 0 and case.kl_max == 0 and case.top1 == 1 and case.first_divergence is None
-    assert by_name(report)["decode"].positions == (W - 8) + 64  # the prompt's logits, then one per token fed
+    assert by_name(report)["decode"].positions == (W - 8) + 40  # the prompt's logits, then one per token fed
 
 
 @pytest.mark.parametrize("window", [W - 1, W + 1])
@@ -105,9 +111,10 @@ def test_one_perturbed_weight_fails_every_case(reference, suite):
 
 
 def test_low_precision_is_judged_by_its_own_tolerances(reference, suite):
-    bf16 = eager(dtype="bf16")
-    assert parity.run_suite(reference, bf16, suite, parity.tolerances_for("bf16")).passed
-    assert not parity.run_suite(reference, bf16, suite, parity.tolerances_for("fp32")).passed
+    report = parity.run_suite(reference, eager(dtype="bf16"), suite, parity.tolerances_for("bf16"))
+    assert report.passed and report.dtype == "bf16"
+    fp32 = parity.DEFAULT_TOLERANCES["fp32"]
+    assert all(c.max_abs > fp32.atol for c in report.cases)  # far outside what fp32 allows
 
 
 def test_tolerance_overrides():
@@ -123,7 +130,8 @@ class Crashes(EagerRuntime):
 
 def test_a_runtime_that_raises_fails_its_case(reference, suite):
     crash = Crashes(RandomSource(TINY, SEED), max_batch=3)
-    report = parity.run_suite(reference, crash, suite, parity.tolerances_for("fp32"))
+    cases = [c for c in suite if c.name in ("short", "batch")]
+    report = parity.run_suite(reference, crash, cases, parity.tolerances_for("fp32"))
     assert report.exit_code == 1
     assert all("RuntimeError: kernel exploded" in c.failures[0] for c in report.cases)
 
@@ -313,3 +321,94 @@ def test_cli_refuses_a_different_model(checkpoints, capsys, tmp_path):
     other = write_checkpoint(RandomSource(TINY.replace(num_hidden_layers=1), SEED), tmp_path / "other", "fp32")
     code, _, err = cli([other, "--backend", "eager", "--checkpoint", checkpoints["good"]], capsys)
     assert code == 2 and "num_hidden_layers=1 (reference 2)" in err
+
+
+# ---------------------------------------------------------------- the acceptance: a real ONNX export, corrupted
+# The corruptions edit the artifact and then re-seal its manifest (sizes and sha256), so that it is parity, not
+# the runtime's integrity check, that has to notice them.
+def reseal(folder):
+    from sc2deploy.checkpoint import sha256_file
+
+    path = folder / "sc2deploy.json"
+    manifest = json.loads(path.read_text())
+    for name, entry in manifest["files"].items():
+        entry["bytes"], entry["sha256"] = (folder / name).stat().st_size, sha256_file(folder / name)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def copy_artifact(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def set_window_of_one_node(folder, window):
+    """local_window_size of the first GroupQueryAttention node (layer 0) only."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    node = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attribute = next(a for a in node.attribute if a.name == "local_window_size")
+    assert attribute.i == W
+    attribute.i = window
+    onnx.save(model, str(folder / "model.onnx"))
+    reseal(folder)
+
+
+def perturb_external_weight(folder, name, index, delta):
+    """Add `delta` to one float32 element of initializer `name` inside the external data file."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    assert tensor.data_type == onnx.TensorProto.FLOAT
+    where = {e.key: e.value for e in tensor.external_data}
+    position = int(where.get("offset", 0)) + 4 * index
+    with open(folder / where["location"], "r+b") as f:
+        f.seek(position)
+        value = np.frombuffer(f.read(4), dtype=np.float32) + np.float32(delta)
+        f.seek(position)
+        f.write(value.tobytes())
+    reseal(folder)
+
+
+@pytest.fixture(scope="module")
+def ort_artifact(tmp_path_factory):
+    from sc2deploy.export import export_artifact
+
+    return export_artifact(RandomSource(TINY, SEED), tmp_path_factory.mktemp("ort") / "tiny-ort", "fp32", "ort")
+
+
+def test_export_passes(ort_artifact, capsys):
+    code, out, _ = cli([ort_artifact, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 0, out
+    assert report["passed"] and report["backend"] == "ort" and report["dtype"] == "fp32"
+    assert "random weights (seed 0)" in report["reference"]
+    assert [c["name"] for c in report["cases"]] == ["short", "long", "fim", "batch", "decode"]
+
+
+@pytest.mark.parametrize("window", [W - 1, W + 1])
+def test_export_with_window_off_by_one_fails(ort_artifact, capsys, tmp_path, window):
+    bad = copy_artifact(ort_artifact, tmp_path / "bad")
+    set_window_of_one_node(bad, window)
+    code, out, _ = cli([bad, "--decode-steps", "40", "--json"], capsys)
+    cases = {c["name"]: c for c in json.loads(out)["cases"]}
+    assert code == 1 and not cases["long"]["passed"] and not cases["decode"]["passed"]
+    assert cases["short"]["passed"]  # 27 positions: never reaches the window
+    assert f"(first: position {min(window, W)}," in cases["long"]["failures"][0]
+
+
+def test_export_with_one_weight_perturbed_fails(ort_artifact, capsys, tmp_path):
+    bad = copy_artifact(ort_artifact, tmp_path / "bad")
+    perturb_external_weight(bad, "model.layers.1.self_attn.q_proj.weight.T", 5 * TINY.q_size + 3, 1.0)
+    code, out, _ = cli([bad, "--decode-steps", "40"], capsys)
+    assert code == 1 and out.splitlines()[-1] == "FAILED: 5 of 5 cases"
+
+
+def test_export_corruption_without_reseal_is_an_error(ort_artifact, capsys, tmp_path):
+    bad = copy_artifact(ort_artifact, tmp_path / "bad")
+    (bad / "model.onnx.data").write_bytes(b"truncated")
+    code, out, err = cli([bad], capsys)
+    assert code == 2 and "model.onnx.data" in err and not out

@@ -18,22 +18,40 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+DESCRIPTION = """\
+Check a runtime against the eager reference model (float32, the truth whatever the
+runtime's dtype). Both run a suite of cases:
+  short    a short code prompt, then 8 greedy tokens
+  long     a prompt of 2W+5 tokens (W = the sliding window), then 8 greedy tokens
+  fim      a fill-in-the-middle prompt, then 8 greedy tokens
+  batch    three prompts of unequal lengths in one batch, then 8 greedy tokens each
+  decode   64 greedy tokens after a prompt of W-8, decoded past the window
+and any --prompts. Per case: max absolute and relative logit error, top-1 agreement,
+KL(eager || runtime), the first decode step where the greedy tokens differ, and whether
+that step is a near-tie (eager's top-2 margin within the tolerance: noise, not a bug).
+The runtime under test is fed eager's greedy tokens, so logits stay comparable after a
+near-tie. Reference weights: --checkpoint, else the source checkpoint or random seed that
+the folder's sc2deploy.json records.
+
+exit status: 0 every case passes, 1 a case fails, 2 the check could not run."""
+
+
+def epilog() -> str:
+    rows = "\n".join(f"  {d:<6}{t.atol:<8g}{t.rtol:<8g}{t.kl:g}" for d, t in DEFAULT_TOLERANCES.items())
+    return (f"tolerances by the runtime's dtype (override with --atol/--rtol/--kl):\n"
+            f"  {'dtype':<6}{'atol':<8}{'rtol':<8}kl\n{rows}\n"
+            "A position passes when max|runtime - eager| <= atol + rtol * max|eager|, a case when\n"
+            "every position does and its largest KL <= kl.\n\n"
+            "examples:\n"
+            "  sc2deploy export --size tiny --out out/tiny-ort && sc2deploy parity out/tiny-ort\n"
+            "  sc2deploy parity out/15b-ort --checkpoint ckpt/starcoder2-15b --json\n"
+            "  sc2deploy parity out/15b-engine --backend trt --prompts my-prompts.jsonl")
+
+
 def register(subparsers) -> None:
-    table = "; ".join(f"{d}: atol {t.atol:g}, rtol {t.rtol:g}, kl {t.kl:g}" for d, t in DEFAULT_TOLERANCES.items())
     p = subparsers.add_parser(
         "parity", help="check a runtime (ONNX Runtime artifact, TensorRT engine) against the eager model",
-        description="Run the eager reference model (float32) and the runtime under test on a suite of cases - a "
-                    "short prompt, a prompt longer than the sliding window, a fill-in-the-middle prompt, a batch of "
-                    "unequal lengths, and greedy tokens decoded past the window - and report per case: max absolute "
-                    "and relative logit error, top-1 agreement, KL(eager || runtime), the first decode step where the "
-                    "greedy tokens differ, and whether that step is a near-tie (eager's top-2 margin within the "
-                    "tolerance: noise, not a bug). The reference weights come from --checkpoint, else from the "
-                    "source checkpoint or random seed in the folder's sc2deploy.json. Exit status: 0 all cases pass, "
-                    "1 a case fails, 2 the check could not run.",
-        epilog=f"default tolerances by the runtime's dtype - {table}. A position passes when "
-               "max|runtime - eager| <= atol + rtol * max|eager|; a case when also its largest KL <= kl. "
-               "example: sc2deploy parity out/tiny-ort --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=DESCRIPTION, epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", metavar="DIR",
                    help="what to check: the export artifact (--backend ort), the engine folder (trt), "
                         "or a checkpoint folder (eager)")
