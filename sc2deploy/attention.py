@@ -79,6 +79,8 @@ def sliding_window_gqa_reference(
     capacity = past_key.shape[2]
     groups = num_heads // kv_num_heads
     past_len, n_new = _row_layout(seqlens_k, seq_len, int(total_sequence_length))
+    if bool((past_len < 0).any()):
+        raise ValueError(f"seqlens_k {seqlens_k.tolist()} is shorter than the {seq_len} new tokens of a chunk with a past")
 
     columns = torch.arange(seq_len)
     q_pos = past_len[:, None] + columns  # (B, S)

@@ -73,6 +73,9 @@ class Runtime(ABC):
                 raise ValueError(f"slot {slot} holds no sequence; prefill it first")
             if self._lengths[slot] >= self.config.max_position_embeddings:
                 raise UserError(f"slot {slot} reached the context of {self.config.max_position_embeddings} tokens")
+            if self.capacity < min(self.config.window - 1, self._lengths[slot]):
+                raise UserError(f"slot {slot} holds {self._lengths[slot]} tokens but its cache only {self.capacity} "
+                                f"positions, fewer than the window needs; open the runtime with a larger capacity")
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_batch:
