@@ -5,7 +5,6 @@ import contextlib
 import time
 from pathlib import Path
 
-from sc2deploy.checkpoint import open_source
 from sc2deploy.commands.common import add_size, notice, print_json, progress_bar
 from sc2deploy.errors import UserError
 
@@ -74,6 +73,7 @@ def default_out(args) -> Path:
 
 
 def run(args) -> int:
+    from sc2deploy.checkpoint import open_source
     from sc2deploy.export import export_artifact
     from sc2deploy.export.targets import check_target_dtype
 

@@ -12,8 +12,11 @@ from sc2deploy.checkpoint import CheckpointSource, load_model
 from sc2deploy.export import export_artifact
 from sc2deploy.export.manifest import MANIFEST, verify_artifact
 
-FP16_LOGITS_ATOL = 2e-2  # fp16 export vs transformers in fp32 (the eager fp16 model meets the same bound)
-FP16_VS_EAGER_ATOL = 4e-3  # fp16 export vs the reference model in fp16
+# fp16 tolerances (logits of these random models are at most ~0.8 in size). Measured on the four oracle
+# configs: fp16 export vs transformers fp32 <= 7.3e-4 (the eager fp16 model: <= 8.1e-4); fp16 export vs the
+# eager fp16 model <= 6.2e-4.
+FP16_LOGITS_ATOL = 2e-3
+FP16_VS_EAGER_ATOL = 1.5e-3
 
 
 def test_fp32_logits_match_transformers_past_the_window(hf_checkpoint, tmp_path, helpers):

@@ -1,0 +1,177 @@
+"""Prefill and decode tokens/s: sc2deploy's ONNX Runtime runtime vs its eager runtime vs transformers' generate.
+
+All three run the same weights (the `bench` preset, ~111M parameters, random, written once as a
+Hugging Face checkpoint and exported to an ort artifact), greedy, at batch 1 and batch 8, in one
+process with the same thread count. The decode ceiling is measured in the same run: tokens/s
+<= memory bandwidth / bytes of weights read per decode step (times the batch, since a step
+reads the weights once for all rows). FACTS §4's hand-built ORT session is shown as an anchor.
+Not a test: run it by hand, e.g.
+    python bench/decode.py [--prompt 128] [--new 64] [--threads 2] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HANDBUILT_ORT = {1: 65.9, 8: 284.0}  # FACTS §4: plain ORT session on a hand-built GQA graph, decode tok/s
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` sums over a `gib` GiB float32 tensor (all threads)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    return [torch.randint(1, vocab, (length,), generator=gen).tolist() for _ in range(batch)]
+
+
+def bench_runtime(runtime, prompts: list[list[int]], new: int, repeats: int) -> dict:
+    """Best-of-`repeats` prefill (batch) and decode timings through the Runtime interface."""
+    best_prefill, best_decode = float("inf"), float("inf")
+    slots = list(range(len(prompts)))
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if len(prompts) == 1:
+            logits = [runtime.prefill(0, prompts[0])]
+        else:
+            logits = [row[-1] for row in runtime.prefill_batch(prompts)]
+        best_prefill = min(best_prefill, time.perf_counter() - start)
+        tokens = [int(row.argmax()) for row in logits]
+        start = time.perf_counter()
+        for _ in range(new):
+            tokens = runtime.decode(slots, tokens).argmax(dim=-1).tolist()
+        best_decode = min(best_decode, time.perf_counter() - start)
+    batch, length = len(prompts), len(prompts[0])
+    return {"prefill_tok_s": batch * length / best_prefill, "decode_tok_s": batch * new / best_decode}
+
+
+def bench_transformers(model, prompts: list[list[int]], new: int, repeats: int) -> dict:
+    """transformers' own loop: prefill = one forward; decode = generate(new + 1 tokens) - generate(1 token)."""
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+
+    def generate(n: int) -> float:
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                             eos_token_id=None, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - start
+
+    best_prefill = best_one = best_all = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            best_prefill = min(best_prefill, time.perf_counter() - start)
+            best_one = min(best_one, generate(1))
+            best_all = min(best_all, generate(new + 1))
+    batch, length = ids.shape
+    return {"prefill_tok_s": batch * length / best_prefill, "decode_tok_s": batch * new / (best_all - best_one)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="bench")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence (default 128)")
+    parser.add_argument("--new", type=int, default=64, help="decode steps timed (default 64)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where the checkpoint and artifact go (default: a temp dir)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from transformers import Starcoder2ForCausalLM
+
+    from sc2deploy.checkpoint import CheckpointSource, RandomSource, write_checkpoint
+    from sc2deploy.config import preset
+    from sc2deploy.export import export_artifact
+    from sc2deploy.runtime.eager import EagerRuntime
+    from sc2deploy.runtime.onnxruntime import OrtRuntime
+
+    torch.set_num_threads(args.threads)
+    config = preset(args.size)
+    # A decode step reads every weight once, except an untied embedding table (a gather of B rows).
+    step_bytes = config.weight_bytes("fp32")
+    if not config.tie_word_embeddings:
+        step_bytes -= config.vocab_size * config.hidden_size * 4
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="sc2-decode-bench-", dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        log("writing the checkpoint and exporting it ...")
+        write_checkpoint(RandomSource(config), tmp / "checkpoint", "fp32")
+        export_artifact(CheckpointSource(tmp / "checkpoint"), tmp / "artifact", "fp32", "ort")
+        bandwidth = measure_bandwidth()
+        load_before = os.getloadavg()
+        results: dict[str, dict[int, dict]] = {"ort": {}, "eager": {}, "transformers": {}}
+        max_batch = max(args.batches)
+        capacity = args.prompt + args.new + 1
+        runtimes = {
+            "ort": OrtRuntime(tmp / "artifact", max_batch=max_batch, capacity=capacity, threads=args.threads),
+            "eager": EagerRuntime(CheckpointSource(tmp / "checkpoint"), max_batch=max_batch, capacity=capacity,
+                                  threads=args.threads),
+        }
+        hf = Starcoder2ForCausalLM.from_pretrained(tmp / "checkpoint", dtype=torch.float32).eval()
+        for batch in args.batches:
+            prompts = prompts_for(batch, args.prompt, config.vocab_size)
+            for name, runtime in runtimes.items():
+                log(f"{name} batch {batch} ...")
+                results[name][batch] = bench_runtime(runtime, prompts, args.new, args.repeats)
+            log(f"transformers batch {batch} ...")
+            results["transformers"][batch] = bench_transformers(hf, prompts, args.new, args.repeats)
+        ort_all = runtimes["ort"]
+        start = time.perf_counter()
+        ort_all.prefill(0, prompts_for(1, args.prompt, config.vocab_size)[0], all_logits=True)
+        prefill_all_logits = args.prompt / (time.perf_counter() - start)
+        load_after = os.getloadavg()
+
+    ceiling = {b: b * bandwidth / step_bytes for b in args.batches}
+    report = {
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_avg_before": load_before,
+                    "load_avg_after": load_after},
+        "model": {"size": args.size, "parameters": config.num_parameters, "bytes_per_decode_step": step_bytes},
+        "prompt_tokens": args.prompt, "decode_steps": args.new,
+        "bandwidth_gb_s": bandwidth / 1e9, "ceiling_decode_tok_s": ceiling,
+        "results": results, "ort_prefill_all_logits_tok_s_batch1": prefill_all_logits,
+        "handbuilt_ort_decode_tok_s": HANDBUILT_ORT,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model {args.size}: {config.num_parameters / 1e6:.0f}M parameters, {step_bytes / 1e9:.3f} GB read per decode "
+          f"step; bandwidth {bandwidth / 1e9:.1f} GB/s; {args.threads} threads; load avg {load_before[0]:.1f}")
+    print(f"prompt {args.prompt} tokens, {args.new} decode steps, best of {args.repeats}")
+    print(f"{'batch':<6}{'runtime':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode / ceiling':>18}"
+          f"{'ort speedup':>13}")
+    for batch in args.batches:
+        ort_decode = results["ort"][batch]["decode_tok_s"]
+        for name in ("ort", "eager", "transformers"):
+            r = results[name][batch]
+            speedup = ort_decode / r["decode_tok_s"]
+            print(f"{batch:<6}{name:<14}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}"
+                  f"{r['decode_tok_s'] / ceiling[batch]:>18.2f}{speedup:>12.2f}x")
+        if batch in HANDBUILT_ORT:
+            print(f"{batch:<6}{'hand-built':<14}{'':>14}{HANDBUILT_ORT[batch]:>14.1f}"
+                  f"{HANDBUILT_ORT[batch] / ceiling[batch]:>18.2f}{ort_decode / HANDBUILT_ORT[batch]:>12.2f}x")
+        print(f"{batch:<6}{'ceiling':<14}{'':>14}{ceiling[batch]:>14.1f}")
+    print(f"ort prefill with every position's logits (batch 1): {prefill_all_logits:.1f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
