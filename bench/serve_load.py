@@ -1,0 +1,191 @@
+"""Load benchmark of `sc2deploy serve`: 1, 4, 16 and 64 concurrent streaming clients.
+
+Starts the server as a subprocess (bench preset, best CPU runtime: ONNX Runtime when an export
+exists or can be made, else eager), then for each concurrency level runs that many clients for
+a fixed time, each sending streaming completions back to back. Reports generated tokens/s over
+the window, time to first token p50/p99 (request sent -> first token received, queueing and
+prefill included) and inter-token latency p50/p99 (gaps between consecutive tokens of one
+stream), and the 16-client / 1-client throughput ratio continuous batching is meant to raise.
+
+    python bench/serve_load.py                       # auto backend, 20 s per level
+    python bench/serve_load.py --backend eager --duration 30 --json results.json
+Not a test: numbers depend on the machine and on whatever else runs on it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sc2deploy.serving.client import Client, make_request  # noqa: E402
+
+SNIPPETS = ["import os\nimport sys\n\n", "class Cache:\n    def __init__(self, size):\n        self.size = size\n",
+            "def parse(line):\n    key, _, value = line.partition('=')\n", "for i in range(10):\n    total += i\n"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def prompt(client_id: int, n: int, prompt_chars: int) -> str:
+    text = f"# client {client_id} request {n}\n"
+    while len(text) < prompt_chars:
+        text += SNIPPETS[(client_id + n + len(text)) % len(SNIPPETS)]
+    return text[:prompt_chars]
+
+
+def start_server(args) -> tuple[subprocess.Popen, int]:
+    command = [sys.executable, "-m", "sc2deploy.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_batch), "--context", str(args.context),
+               "--log-level", "warning", "--backend", args.backend]
+    command += ["--artifact", str(args.artifact)] if args.backend == "ort" else ["--size", args.size]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in process.stderr:
+        sys.stderr.write("  server: " + line)
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
+            return process, int(match.group(1))
+    raise SystemExit(f"the server exited with {process.wait()} before listening")
+
+
+def run_level(target: str, clients: int, duration: float, warmup: float, args) -> dict:
+    start = time.monotonic() + warmup
+    end = start + duration
+    lock = threading.Lock()
+    tokens_in_window, ttft, itl, requests_done = [0], [], [], [0]
+
+    def client_loop(client_id: int) -> None:
+        client = Client(target)
+        n = 0
+        while time.monotonic() < end:
+            request = make_request(prompt(client_id, n, args.prompt_chars), max_tokens=args.max_tokens)
+            n += 1
+            sent = last = time.monotonic()
+            first = True
+            stream = client.stream(request, timeout=300)
+            local_itl, local_tokens = [], 0
+            for chunk in stream:
+                now = time.monotonic()
+                if not chunk.token_ids:
+                    continue
+                if first:
+                    if sent >= start:
+                        ttft.append(now - sent)
+                    first = False
+                elif start <= now <= end:
+                    local_itl.append(now - last)
+                last = now
+                if start <= now <= end:
+                    local_tokens += len(chunk.token_ids)
+                if now > end:
+                    stream.cancel()
+                    break
+            with lock:
+                tokens_in_window[0] += local_tokens
+                itl.extend(local_itl)
+                requests_done[0] += 1
+        client.close()
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": clients, "tokens_per_s": tokens_in_window[0] / duration, "requests": requests_done[0],
+            "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+            "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99),
+            "ttft_samples": len(ttft), "itl_samples": len(itl)}
+
+
+def ensure_artifact(args) -> bool:
+    """Make the ONNX Runtime export of the preset if it is missing; False when ONNX export is unavailable."""
+    if (args.artifact / "sc2deploy.json").is_file():
+        return True
+    try:
+        import onnxruntime  # noqa: F401
+
+        from sc2deploy.cli import main
+    except ImportError:
+        return False
+    print(f"exporting --size {args.size} fp32 to {args.artifact} (once) ...", file=sys.stderr)
+    return main(["export", "--size", args.size, "--dtype", "fp32", "--out", str(args.artifact)]) == 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", default="auto", choices=("auto", "ort", "eager"),
+                   help="runtime of the server (auto: ort if the export exists or can be made, else eager)")
+    p.add_argument("--size", default="bench", help="model preset (default bench, ~111M parameters)")
+    p.add_argument("--artifact", type=Path, help="ort export to serve (default: a cached export under /tmp)")
+    p.add_argument("--levels", default="1,4,16,64", help="concurrent clients per level (default 1,4,16,64)")
+    p.add_argument("--duration", type=float, default=20.0, help="measured seconds per level (default 20)")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level (default 3)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--prompt-chars", type=int, default=160, help="prompt length in characters (default 160)")
+    p.add_argument("--max-batch", type=int, default=64, help="server --max-batch (default 64)")
+    p.add_argument("--context", type=int, default=1024, help="server --context (default 1024)")
+    p.add_argument("--threads", type=int, help="server runtime threads (default: all cores)")
+    p.add_argument("--server", help="benchmark an already running server at HOST:PORT instead of starting one")
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    args = p.parse_args()
+    args.artifact = args.artifact or Path(f"/tmp/sc2deploy-bench/{args.size}-ort-fp32")
+    if args.backend == "auto":
+        args.backend = "ort" if ensure_artifact(args) else "eager"
+    elif args.backend == "ort" and not ensure_artifact(args):
+        raise SystemExit("the ort backend needs onnxruntime and an export (sc2deploy export --target ort)")
+
+    process = None
+    if args.server:
+        target = args.server
+    else:
+        process, port = start_server(args)
+        target = f"127.0.0.1:{port}"
+    try:
+        with Client(target) as client:
+            client.wait_ready(120)
+            info = client.info()
+        print(f"server: {info.size} {info.dtype} on {info.runtime}, max batch {info.max_batch}, "
+              f"{os.cpu_count()} CPUs; {args.max_tokens} tokens per request, {args.duration:g} s per level")
+        results = []
+        header = f"{'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'requests':>8}"
+        print(header)
+        for clients in (int(x) for x in args.levels.split(",")):
+            r = run_level(target, clients, args.duration, args.warmup, args)
+            results.append(r)
+            print(f"{r['clients']:>7} {r['tokens_per_s']:>9.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms "
+                  f"{r['itl_p50_ms']:>6.0f}ms {r['itl_p99_ms']:>6.0f}ms {r['requests']:>8}", flush=True)
+        by = {r["clients"]: r["tokens_per_s"] for r in results}
+        summary = {"backend": info.runtime, "size": info.size, "dtype": info.dtype, "cpus": os.cpu_count(),
+                   "max_tokens": args.max_tokens, "duration_s": args.duration, "levels": results}
+        if 1 in by and 16 in by and by[1] > 0:
+            summary["throughput_16_over_1"] = by[16] / by[1]
+            print(f"throughput at 16 clients / 1 client: {by[16] / by[1]:.1f}x")
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
