@@ -508,7 +508,8 @@ def manifest_source(manifest: dict, folder: Path):
 
     where = str(folder / MANIFEST)
     config = Config.from_hf_dict(manifest["config"], source=where)
-    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    recorded = manifest.get("source")
+    source: dict = recorded if isinstance(recorded, dict) else {}
     kind = source.get("kind")
     if kind == "checkpoint" and isinstance(source.get("path"), str):
         path = Path(source["path"])
@@ -566,8 +567,8 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
 
     from sc2deploy.runtime.eager import EagerRuntime
 
-    reference = EagerRuntime(source, dtype="fp32", max_batch=slots)
-    options = {"threads": threads} if threads and backend != "eager" else {}
+    options: dict = {"threads": threads} if threads and backend != "eager" else {}
+    runtime: Runtime  # opened first: it is the part most likely to refuse
     if backend == "eager":
         runtime = EagerRuntime(tested_source, dtype="fp32", max_batch=slots)
     else:
@@ -581,6 +582,7 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
     if shape:
         raise UserError(f"{folder} holds a different model than the reference ({source.description}): "
                         f"{', '.join(shape)}; pass the checkpoint it was made from with --checkpoint DIR")
+    reference = EagerRuntime(source, dtype="fp32", max_batch=slots)
     report = run_suite(reference, runtime, cases, tolerances_for(runtime.dtype, atol, rtol, kl), progress)
     report.reference = f"eager fp32 on {source.description}"
     behaviour = config_differences(source.config, runtime.config, BEHAVIOUR_FIELDS)

@@ -412,3 +412,8 @@ def test_export_corruption_without_reseal_is_an_error(ort_artifact, capsys, tmp_
     (bad / "model.onnx.data").write_bytes(b"truncated")
     code, out, err = cli([bad], capsys)
     assert code == 2 and "model.onnx.data" in err and not out
+
+
+def test_export_checked_with_the_wrong_backend_is_an_error(ort_artifact, capsys):
+    code, out, err = cli([ort_artifact, "--backend", "trt"], capsys)
+    assert code == 2 and "trt" in err and not out
