@@ -32,7 +32,7 @@ def make_request(prompt: str, suffix: str = "", *, max_tokens: int | None = None
 class Client:
     def __init__(self, target: str, *, tls: bool = False, root_certificates: bytes | None = None,
                  api_key: str | None = None, max_message_bytes: int = 4 << 20, server_name: str | None = None):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
+        options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))

@@ -227,7 +227,7 @@ class CompletionServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port: int | None = None
-        self._metrics_http = None
+        self._metrics_http: tuple | None = None
         self.metrics_port: int | None = None
 
     def start(self) -> int:
@@ -241,8 +241,9 @@ class CompletionServer:
         if not self.port:
             raise UserError(f"cannot listen on {address}: the port is taken or the host is not local")
         if o.metrics_port is not None:
-            self._metrics_http = self.metrics.serve(o.metrics_port, o.metrics_host)
-            self.metrics_port = self._metrics_http[0].server_port
+            http_server, thread = self.metrics.serve(o.metrics_port, o.metrics_host)
+            self._metrics_http = (http_server, thread)
+            self.metrics_port = http_server.server_port
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -8,6 +8,7 @@ validates the text itself, naming the field that is wrong.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
@@ -19,7 +20,7 @@ from sc2deploy.tokenizer import validate_text
 _LENIENT_PACKAGE = "sc2deploy.v1.lenient"
 
 
-def _lenient_classes() -> dict[str, type]:
+def _lenient_classes() -> dict[str, Any]:
     """CompleteRequest and ContextFile with every string field turned into bytes, in a private pool."""
     source = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(source)
