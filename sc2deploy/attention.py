@@ -31,6 +31,8 @@ from torch import Tensor
 
 __all__ = ["rope_cache", "sliding_window_gqa", "sliding_window_gqa_reference"]
 
+QUERY_CHUNK = 512  # queries per block of attention scores in the reference
+
 
 def rope_cache(head_dim: int, theta: float, max_positions: int) -> tuple[Tensor, Tensor]:
     """cos/sin tables (max_positions, head_dim/2) in float32, computed exactly as transformers does."""
@@ -102,16 +104,19 @@ def sliding_window_gqa_reference(
     k_pos = torch.cat((slot_pos, q_pos), dim=1)  # (B, used + S)
     k_real = torch.cat((slot_pos >= 0, q_real), dim=1)
 
-    distance = q_pos[:, :, None] - k_pos[:, None, :]  # (B, S, T)
-    visible = k_real[:, None, :] & (distance >= 0)
-    if local_window_size > 0:
-        visible &= distance < local_window_size
-
     qf = q.float().view(batch, kv_num_heads, groups, seq_len, head_dim)
-    scores = qf @ keys.float().unsqueeze(2).transpose(-1, -2) * scale  # (B, Nkv, G, S, T)
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded columns see nothing
-    out = probs @ values.float().unsqueeze(2)  # (B, Nkv, G, S, H)
+    kf, vf = keys.float().unsqueeze(2), values.float().unsqueeze(2)  # (B, Nkv, 1, T, H)
+    out = torch.empty(batch, kv_num_heads, groups, seq_len, head_dim)
+    for start in range(0, seq_len, QUERY_CHUNK):  # bounds the (S, T) scores of long prompts
+        end = min(start + QUERY_CHUNK, seq_len)
+        distance = q_pos[:, start:end, None] - k_pos[:, None, :]  # (B, s, T)
+        visible = k_real[:, None, :] & (distance >= 0)
+        if local_window_size > 0:
+            visible &= distance < local_window_size
+        scores = qf[:, :, :, start:end] @ kf.transpose(-1, -2) * scale  # (B, Nkv, G, s, T)
+        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded columns see nothing
+        out[:, :, :, start:end] = probs @ vf
     out = out.view(batch, num_heads, seq_len, head_dim).transpose(1, 2).reshape(batch, seq_len, -1)
     out = out.masked_fill(~q_real[:, :, None], 0.0).to(query.dtype)
 
