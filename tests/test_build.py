@@ -378,3 +378,25 @@ def test_build_settings_are_plain_data():
     s = BuildSettings("fp16", 2, 16, 64)
     assert s.flags() == {"dtype": "fp16", "max_batch": 2, "max_input_len": 16, "max_seq_len": 64, "plugin": "aot",
                          "optimization_level": 3, "workspace_mib": None}
+
+
+# ---------------------------------------------------------------- selftest
+def test_selftest_without_gpu_reports_the_environment(capsys):
+    assert main(["selftest"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "environment" and summary["ok"] and summary["eager_tiny"]["ok"]
+    assert {"torch", "cuda_available", "triton", "tensorrt"} <= set(summary["environment"])
+
+
+def test_selftest_parts_record_failures_and_go_on():
+    from sc2deploy.commands import selftest
+
+    summary: dict = {"errors": []}
+
+    def broken():
+        raise RuntimeError("kernel exploded")
+
+    assert selftest._part(summary, "kernel", broken) == {"ok": False, "error": "RuntimeError: kernel exploded",
+                                                         "seconds": 0.0}
+    assert summary["errors"][0]["part"] == "kernel" and "Traceback" in summary["errors"][0]["traceback"]
+    assert selftest._part(summary, "eager", lambda: {"ok": True})["ok"]
