@@ -51,7 +51,7 @@ def prompt(client_id: int, n: int, prompt_chars: int) -> str:
 def start_server(args) -> tuple[subprocess.Popen, int]:
     command = [sys.executable, "-m", "sc2deploy.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--max-batch", str(args.max_batch), "--max-queue", str(args.max_batch), "--context", str(args.context),
-               "--log-level", "warning", "--backend", args.backend]
+               "--log-level", "warning", "--backend", args.backend, "--prefill-tokens", str(args.prefill_tokens)]
     command += ["--artifact", str(args.artifact)] if args.backend == "ort" else ["--size", args.size]
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -142,6 +142,7 @@ def main() -> int:
     p.add_argument("--prompt-chars", type=int, default=160, help="prompt length in characters (default 160)")
     p.add_argument("--max-batch", type=int, default=64, help="server --max-batch (default 64)")
     p.add_argument("--context", type=int, default=1024, help="server --context (default 1024)")
+    p.add_argument("--prefill-tokens", type=int, default=256, help="server --prefill-tokens (default 256)")
     p.add_argument("--threads", type=int, help="server runtime threads (default: all cores)")
     p.add_argument("--server", help="benchmark an already running server at HOST:PORT instead of starting one")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")

@@ -67,9 +67,9 @@ def register(subparsers) -> None:
                        help="sequences decoded together, i.e. KV-cache slots (default 8)")
     sched.add_argument("--max-queue", type=non_negative_int, default=64, metavar="N",
                        help="requests that may wait for a slot before RESOURCE_EXHAUSTED (default 64)")
-    sched.add_argument("--prefill-tokens", type=positive_int, default=512, metavar="N",
+    sched.add_argument("--prefill-tokens", type=positive_int, default=256, metavar="N",
                        help="prompt tokens prefilled per engine step at most (one request always fits); bounds "
-                            "how long a burst of new prompts delays running streams (default 512)")
+                            "how long a burst of new prompts delays running streams (default 256)")
     sched.add_argument("--context", type=positive_int, metavar="N",
                        help="prompt + max_tokens limit per request (default: the model's context); a smaller one "
                             "shrinks each slot's KV cache when the model's window is larger")

@@ -89,7 +89,7 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, max_queue: int = 64, prefill_tokens: int = 512,
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, max_queue: int = 64, prefill_tokens: int = 256,
                  metrics: Metrics | None = None):
         self.runtime, self.tokenizer = runtime, tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = runtime.max_batch, max_queue, max(prefill_tokens, 1)

@@ -44,7 +44,7 @@ class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     max_queue: int = 64
-    prefill_tokens: int = 512
+    prefill_tokens: int = 256
     context_length: int | None = None  # default: the model's max_position_embeddings
     default_max_tokens: int = 128
     max_message_bytes: int = 4 * MiB
