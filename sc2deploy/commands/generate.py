@@ -66,6 +66,10 @@ def prompt_ids(args, tokenizer: Tokenizer) -> list[int]:
 
 def run(args) -> int:
     check_choice(args.backend, BACKENDS, "backend")
+    if args.backend == "trt":
+        from sc2deploy.plugins.trt_env import require_tensorrt
+
+        require_tensorrt("--backend trt")
     if args.greedy and args.temperature:
         raise UserError("--greedy and --temperature > 0 contradict each other; give one")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
