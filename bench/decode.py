@@ -4,7 +4,9 @@ All three run the same weights (the `bench` preset, ~111M parameters, random, wr
 Hugging Face checkpoint and exported to an ort artifact), greedy, at batch 1 and batch 8, in one
 process with the same thread count. The decode ceiling is measured in the same run: tokens/s
 <= memory bandwidth / bytes of weights read per decode step (times the batch, since a step
-reads the weights once for all rows). FACTS §4's hand-built ORT session is shown as an anchor.
+reads the weights once for all rows). FACTS §4's hand-built ORT session (65.9 / 284 tok/s) is
+shown as an anchor, and the same artifact through a plain session.run() (numpy feeds, no
+IOBinding) as a same-run baseline.
 Not a test: run it by hand, e.g.
     python bench/decode.py [--prompt 128] [--new 64] [--threads 2] [--json]
 """
@@ -57,6 +59,37 @@ def bench_runtime(runtime, prompts: list[list[int]], new: int, repeats: int) -> 
             tokens = runtime.decode(slots, tokens).argmax(dim=-1).tolist()
         best_decode = min(best_decode, time.perf_counter() - start)
     batch, length = len(prompts), len(prompts[0])
+    return {"prefill_tok_s": batch * length / best_prefill, "decode_tok_s": batch * new / best_decode}
+
+
+def bench_plain_session(artifact: Path, config, prompts: list[list[int]], new: int, repeats: int,
+                        capacity: int, threads: int) -> dict:
+    """The same artifact through session.run() with numpy feeds: no IOBinding, presents copied out each step."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(artifact / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    batch, length = len(prompts), len(prompts[0])
+    shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
+    best_prefill = best_decode = float("inf")
+    for _ in range(repeats):
+        feed = {f"past_key_values.{i}.{k}": np.zeros(shape, np.float32)
+                for i in range(config.num_hidden_layers) for k in ("key", "value")}
+        ids = np.asarray(prompts, dtype=np.int64)
+        start = time.perf_counter()
+        outputs = session.run(names, {**feed, "input_ids": ids, "attention_mask": np.ones_like(ids)})
+        best_prefill = min(best_prefill, time.perf_counter() - start)
+        start = time.perf_counter()
+        for step in range(new):
+            feed = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outputs[1:])}
+            tokens = outputs[0][:, -1].argmax(-1)[:, None].astype(np.int64)
+            mask = np.ones((batch, length + step + 1), np.int64)
+            outputs = session.run(names, {**feed, "input_ids": tokens, "attention_mask": mask})
+        best_decode = min(best_decode, time.perf_counter() - start)
     return {"prefill_tok_s": batch * length / best_prefill, "decode_tok_s": batch * new / best_decode}
 
 
@@ -118,7 +151,7 @@ def main() -> int:
         export_artifact(CheckpointSource(tmp / "checkpoint"), tmp / "artifact", "fp32", "ort")
         bandwidth = measure_bandwidth()
         load_before = os.getloadavg()
-        results: dict[str, dict[int, dict]] = {"ort": {}, "eager": {}, "transformers": {}}
+        results: dict[str, dict[int, dict]] = {"ort": {}, "ort-plain-run": {}, "eager": {}, "transformers": {}}
         max_batch = max(args.batches)
         capacity = args.prompt + args.new + 1
         runtimes = {
@@ -132,6 +165,9 @@ def main() -> int:
             for name, runtime in runtimes.items():
                 log(f"{name} batch {batch} ...")
                 results[name][batch] = bench_runtime(runtime, prompts, args.new, args.repeats)
+            log(f"ort-plain-run batch {batch} ...")
+            results["ort-plain-run"][batch] = bench_plain_session(tmp / "artifact", config, prompts, args.new,
+                                                                  args.repeats, runtimes["ort"].capacity, args.threads)
             log(f"transformers batch {batch} ...")
             results["transformers"][batch] = bench_transformers(hf, prompts, args.new, args.repeats)
         ort_all = runtimes["ort"]
@@ -156,19 +192,19 @@ def main() -> int:
     print(f"model {args.size}: {config.num_parameters / 1e6:.0f}M parameters, {step_bytes / 1e9:.3f} GB read per decode "
           f"step; bandwidth {bandwidth / 1e9:.1f} GB/s; {args.threads} threads; load avg {load_before[0]:.1f}")
     print(f"prompt {args.prompt} tokens, {args.new} decode steps, best of {args.repeats}")
-    print(f"{'batch':<6}{'runtime':<14}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode / ceiling':>18}"
+    print(f"{'batch':<6}{'runtime':<15}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode / ceiling':>18}"
           f"{'ort speedup':>13}")
     for batch in args.batches:
         ort_decode = results["ort"][batch]["decode_tok_s"]
-        for name in ("ort", "eager", "transformers"):
+        for name in ("ort", "ort-plain-run", "eager", "transformers"):
             r = results[name][batch]
             speedup = ort_decode / r["decode_tok_s"]
-            print(f"{batch:<6}{name:<14}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}"
+            print(f"{batch:<6}{name:<15}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}"
                   f"{r['decode_tok_s'] / ceiling[batch]:>18.2f}{speedup:>12.2f}x")
         if batch in HANDBUILT_ORT:
-            print(f"{batch:<6}{'hand-built':<14}{'':>14}{HANDBUILT_ORT[batch]:>14.1f}"
+            print(f"{batch:<6}{'FACTS anchor':<15}{'':>14}{HANDBUILT_ORT[batch]:>14.1f}"
                   f"{HANDBUILT_ORT[batch] / ceiling[batch]:>18.2f}{ort_decode / HANDBUILT_ORT[batch]:>12.2f}x")
-        print(f"{batch:<6}{'ceiling':<14}{'':>14}{ceiling[batch]:>14.1f}")
+        print(f"{batch:<6}{'ceiling':<15}{'':>14}{ceiling[batch]:>14.1f}")
     print(f"ort prefill with every position's logits (batch 1): {prefill_all_logits:.1f} tok/s")
     return 0
 

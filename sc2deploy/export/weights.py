@@ -4,11 +4,16 @@ One source tensor is in memory at a time (plus a chunk of its transpose), so pea
 bounded by the largest tensor, not the model. Tensors under INLINE_BYTES stay inside
 model.onnx (external data for tiny tensors breaks loading, FACTS §2); the others are written
 at offsets aligned to ALIGNMENT bytes (page-aligned, so ONNX Runtime can map them), and the
-file's sha256 is computed while writing, so the manifest never re-reads it.
+file's sha256 is computed while writing, so the manifest never re-reads it. Producing bytes
+(reading, converting, transposing) and consuming them (hashing, writing) overlap: a writer
+thread takes chunks of at most CHUNK_BYTES from a queue of QUEUE_CHUNKS, so at most the
+current and the previous source tensor are alive.
 """
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,8 @@ from sc2deploy.export.nodes import ONNX_DTYPES
 DATA_FILE = "model.onnx.data"
 INLINE_BYTES = 1024
 ALIGNMENT = 4096
-CHUNK_BYTES = 32 << 20  # transposes are written in chunks of about this size
+CHUNK_BYTES = 32 << 20  # tensors are written in chunks of about this size
+QUEUE_CHUNKS = 4  # chunks the producer may be ahead of the writer thread
 
 
 @dataclass
@@ -35,30 +41,31 @@ def write_weights(graph: ExportGraph, source, folder: Path,
     """Write every initializer of `graph`; returns the TensorProtos that reference the data file."""
     groups = _group_by_origin(graph.initializers, source.names())
     protos: dict[str, object] = {}
-    digest = hashlib.sha256()
     with open(folder / DATA_FILE, "wb") as f:
-        writer = _AlignedWriter(f, digest)
-        for origin, specs in groups:
-            tensor = _load(origin, specs[0].dtype, source, source.config)
-            for spec in specs:
-                data = tensor if tensor.dtype == torch_dtype(spec.dtype) else tensor.to(torch_dtype(spec.dtype))
-                stored = tuple(data.shape[::-1]) if spec.transpose else tuple(data.shape)
-                if stored != spec.shape:
-                    raise AssertionError(f"{spec.name}: source tensor {origin} has shape {tuple(data.shape)}, "
-                                         f"the graph stores {spec.shape}")
-                if spec.nbytes < INLINE_BYTES:
-                    protos[spec.name] = _inline_proto(spec, _chunks(data, spec.transpose))
-                else:
+        writer = _AlignedWriter(f)
+        try:
+            for origin, specs in groups:
+                tensor = _load(origin, specs[0].dtype, source, source.config)
+                for spec in specs:
+                    data = tensor if tensor.dtype == torch_dtype(spec.dtype) else tensor.to(torch_dtype(spec.dtype))
+                    stored = tuple(data.shape[::-1]) if spec.transpose else tuple(data.shape)
+                    if stored != spec.shape:
+                        raise AssertionError(f"{spec.name}: source tensor {origin} has shape {tuple(data.shape)}, "
+                                             f"the graph stores {spec.shape}")
+                    if spec.nbytes < INLINE_BYTES:
+                        protos[spec.name] = _inline_proto(spec, _chunks(data, spec.transpose))
+                        continue
                     offset = writer.start_tensor()
                     for chunk in _chunks(data, spec.transpose):
                         writer.write(chunk)
                         if progress:
                             progress(len(chunk))
                     protos[spec.name] = _external_proto(spec, offset, spec.nbytes)
-            del tensor
-        size = writer.position
-    ordered = [protos[s.name] for s in graph.initializers]
-    return WrittenWeights(ordered, digest.hexdigest(), size)
+                del tensor, data
+        finally:
+            writer.close()
+        ordered = [protos[s.name] for s in graph.initializers]
+    return WrittenWeights(ordered, writer.digest.hexdigest(), writer.position)
 
 
 def weights_bytes(graph: ExportGraph) -> int:
@@ -85,11 +92,13 @@ def _load(origin: str, dtype: str, source, config: Config):
 
 
 def _chunks(tensor, transpose: bool):
-    """The stored bytes of `tensor` (or of its transpose) as memoryviews, without copying all of it at once."""
+    """The stored bytes of `tensor` (or of its transpose) as memoryviews of about CHUNK_BYTES."""
     import torch
 
     if not transpose:
-        yield memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        flat = tensor.reshape(-1).view(torch.uint8).numpy()
+        for start in range(0, len(flat), CHUNK_BYTES):
+            yield memoryview(flat[start:start + CHUNK_BYTES])
         return
     rows, cols = tensor.shape  # stored as (cols, rows)
     step = max(1, CHUNK_BYTES // max(1, rows * tensor.element_size()))
@@ -99,8 +108,14 @@ def _chunks(tensor, transpose: bool):
 
 
 class _AlignedWriter:
-    def __init__(self, f, digest):
-        self.f, self.digest, self.position = f, digest, 0
+    """Appends chunks to `f` from a background thread (hashing them too); positions are known at once."""
+
+    def __init__(self, f):
+        self.f, self.digest, self.position = f, hashlib.sha256(), 0
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="sc2deploy-weights-writer", daemon=True)
+        self._thread.start()
 
     def start_tensor(self) -> int:
         pad = -self.position % ALIGNMENT
@@ -109,9 +124,27 @@ class _AlignedWriter:
         return self.position
 
     def write(self, data) -> None:
-        self.f.write(data)
-        self.digest.update(data)
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
         self.position += len(data)
+
+    def close(self) -> None:
+        """Wait for every queued chunk to be written; re-raise the writer's error, if any."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks; it re-raises
+            try:
+                self.f.write(data)
+                self.digest.update(data)
+            except BaseException as e:  # e.g. disk full: reported to the producer
+                self._error = e
 
 
 def _external_proto(spec: InitializerSpec, offset: int, length: int):
