@@ -2,10 +2,12 @@
 
 Starts the server as a subprocess (bench preset, best CPU runtime: ONNX Runtime when an export
 exists or can be made, else eager), then for each concurrency level runs that many clients for
-a fixed time, each sending streaming completions back to back. Reports generated tokens/s over
-the window, time to first token p50/p99 (request sent -> first token received, queueing and
-prefill included) and inter-token latency p50/p99 (gaps between consecutive tokens of one
-stream), and the 16-client / 1-client throughput ratio continuous batching is meant to raise.
+a fixed time, each sending streaming completions back to back (all clients start together).
+Reports generated tokens/s over the measured window (after --warmup), time to first token
+p50/p99 (request sent -> first token received, queueing and prefill included; every request of
+the level, the simultaneous first wave too) and inter-token latency p50/p99 (gaps between
+consecutive tokens of one stream, in the window), and the 16-client / 1-client throughput ratio
+that continuous batching is meant to raise.
 
     python bench/serve_load.py                       # auto backend, 20 s per level
     python bench/serve_load.py --backend eager --duration 30 --json results.json
@@ -87,7 +89,7 @@ def run_level(target: str, clients: int, duration: float, warmup: float, args) -
                 if not chunk.token_ids:
                     continue
                 if first:
-                    if sent >= start:
+                    if now <= end:  # every request answered in time, the first wave's included
                         ttft.append(now - sent)
                     first = False
                 elif start <= now <= end:
@@ -115,6 +117,11 @@ def run_level(target: str, clients: int, duration: float, warmup: float, args) -
             "ttft_samples": len(ttft), "itl_samples": len(itl)}
 
 
+def row(r: dict) -> str:
+    return (f"{r['clients']:>7} {r['tokens_per_s']:>9.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms "
+            f"{r['itl_p50_ms']:>6.0f}ms {r['itl_p99_ms']:>6.0f}ms {r['requests']:>8}")
+
+
 def ensure_artifact(args) -> bool:
     """Make the ONNX Runtime export of the preset if it is missing; False when ONNX export is unavailable."""
     if (args.artifact / "sc2deploy.json").is_file():
@@ -138,6 +145,8 @@ def main() -> int:
     p.add_argument("--levels", default="1,4,16,64", help="concurrent clients per level (default 1,4,16,64)")
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per level (default 20)")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level (default 3)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per level, interleaved; the best is reported (default 1; use 3 on a shared machine)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--prompt-chars", type=int, default=160, help="prompt length in characters (default 160)")
     p.add_argument("--max-batch", type=int, default=64, help="server --max-batch (default 64)")
@@ -165,17 +174,28 @@ def main() -> int:
             info = client.info()
         print(f"server: {info.size} {info.dtype} on {info.runtime}, max batch {info.max_batch}, "
               f"{os.cpu_count()} CPUs; {args.max_tokens} tokens per request, {args.duration:g} s per level")
-        results = []
-        header = f"{'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'requests':>8}"
+        header = (f"{'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+                  f"{'requests':>8}")
+        levels = [int(x) for x in args.levels.split(",")]
+        runs: dict[int, list[dict]] = {n: [] for n in levels}
         print(header)
-        for clients in (int(x) for x in args.levels.split(",")):
-            r = run_level(target, clients, args.duration, args.warmup, args)
-            results.append(r)
-            print(f"{r['clients']:>7} {r['tokens_per_s']:>9.1f} {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms "
-                  f"{r['itl_p50_ms']:>6.0f}ms {r['itl_p99_ms']:>6.0f}ms {r['requests']:>8}", flush=True)
+        for repeat in range(args.repeat):  # levels interleaved, so a burst of outside load hits one run of each
+            for clients in levels:
+                load = os.getloadavg()[0]
+                r = run_level(target, clients, args.duration, args.warmup, args)
+                r["loadavg_before"] = round(load, 2)
+                runs[clients].append(r)
+                print(row(r) + (f"   (run {repeat + 1}, load {load:.1f})" if args.repeat > 1 else ""), flush=True)
+        results = [max(runs[n], key=lambda r: r["tokens_per_s"]) for n in levels]
+        if args.repeat > 1:
+            print(f"best of {args.repeat} runs per level (the one least disturbed by other processes):")
+            print(header)
+            for r in results:
+                print(row(r))
         by = {r["clients"]: r["tokens_per_s"] for r in results}
         summary = {"backend": info.runtime, "size": info.size, "dtype": info.dtype, "cpus": os.cpu_count(),
-                   "max_tokens": args.max_tokens, "duration_s": args.duration, "levels": results}
+                   "max_tokens": args.max_tokens, "prompt_chars": args.prompt_chars, "duration_s": args.duration,
+                   "repeat": args.repeat, "levels": results, "all_runs": runs}
         if 1 in by and 16 in by and by[1] > 0:
             summary["throughput_16_over_1"] = by[16] / by[1]
             print(f"throughput at 16 clients / 1 client: {by[16] / by[1]:.1f}x")
