@@ -42,58 +42,61 @@ def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(1, vocab, (length,), generator=gen).tolist() for _ in range(batch)]
 
 
-def bench_runtime(runtime, prompts: list[list[int]], new: int, repeats: int) -> dict:
-    """Best-of-`repeats` prefill (batch) and decode timings through the Runtime interface."""
-    best_prefill, best_decode = float("inf"), float("inf")
+def time_runtime(runtime, prompts: list[list[int]], new: int, all_logits: bool = False) -> dict:
+    """One prefill (of the whole batch) and `new` decode steps through the Runtime interface."""
     slots = list(range(len(prompts)))
-    for _ in range(repeats):
-        start = time.perf_counter()
-        if len(prompts) == 1:
-            logits = [runtime.prefill(0, prompts[0])]
-        else:
-            logits = [row[-1] for row in runtime.prefill_batch(prompts)]
-        best_prefill = min(best_prefill, time.perf_counter() - start)
-        tokens = [int(row.argmax()) for row in logits]
-        start = time.perf_counter()
-        for _ in range(new):
-            tokens = runtime.decode(slots, tokens).argmax(dim=-1).tolist()
-        best_decode = min(best_decode, time.perf_counter() - start)
+    start = time.perf_counter()
+    if len(prompts) == 1:
+        logits = runtime.prefill(0, prompts[0], all_logits=all_logits)
+        logits = [logits[-1] if all_logits else logits]
+    else:
+        logits = [row[-1] for row in runtime.prefill_batch(prompts)]
+    prefill = time.perf_counter() - start
+    tokens = [int(row.argmax()) for row in logits]
+    start = time.perf_counter()
+    for _ in range(new):
+        tokens = runtime.decode(slots, tokens).argmax(dim=-1).tolist()
+    decode = time.perf_counter() - start
     batch, length = len(prompts), len(prompts[0])
-    return {"prefill_tok_s": batch * length / best_prefill, "decode_tok_s": batch * new / best_decode}
+    return {"prefill_tok_s": batch * length / prefill, "decode_tok_s": batch * new / decode}
 
 
-def bench_plain_session(artifact: Path, config, prompts: list[list[int]], new: int, repeats: int,
-                        capacity: int, threads: int) -> dict:
+class PlainSession:
     """The same artifact through session.run() with numpy feeds: no IOBinding, presents copied out each step."""
-    import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(artifact / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    batch, length = len(prompts), len(prompts[0])
-    shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
-    best_prefill = best_decode = float("inf")
-    for _ in range(repeats):
+    def __init__(self, artifact: Path, config, capacity: int, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(artifact / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.config, self.capacity = config, capacity
+
+    def time(self, prompts: list[list[int]], new: int) -> dict:
+        import numpy as np
+
+        c = self.config
+        batch, length = len(prompts), len(prompts[0])
+        shape = (batch, c.num_key_value_heads, self.capacity, c.head_dim)
         feed = {f"past_key_values.{i}.{k}": np.zeros(shape, np.float32)
-                for i in range(config.num_hidden_layers) for k in ("key", "value")}
+                for i in range(c.num_hidden_layers) for k in ("key", "value")}
         ids = np.asarray(prompts, dtype=np.int64)
         start = time.perf_counter()
-        outputs = session.run(names, {**feed, "input_ids": ids, "attention_mask": np.ones_like(ids)})
-        best_prefill = min(best_prefill, time.perf_counter() - start)
+        outputs = self.session.run(self.names, {**feed, "input_ids": ids, "attention_mask": np.ones_like(ids)})
+        prefill = time.perf_counter() - start
         start = time.perf_counter()
         for step in range(new):
-            feed = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outputs[1:])}
+            feed = {n.replace("present", "past_key_values"): v for n, v in zip(self.names[1:], outputs[1:])}
             tokens = outputs[0][:, -1].argmax(-1)[:, None].astype(np.int64)
             mask = np.ones((batch, length + step + 1), np.int64)
-            outputs = session.run(names, {**feed, "input_ids": tokens, "attention_mask": mask})
-        best_decode = min(best_decode, time.perf_counter() - start)
-    return {"prefill_tok_s": batch * length / best_prefill, "decode_tok_s": batch * new / best_decode}
+            outputs = self.session.run(self.names, {**feed, "input_ids": tokens, "attention_mask": mask})
+        decode = time.perf_counter() - start
+        return {"prefill_tok_s": batch * length / prefill, "decode_tok_s": batch * new / decode}
 
 
-def bench_transformers(model, prompts: list[list[int]], new: int, repeats: int) -> dict:
+def time_transformers(model, prompts: list[list[int]], new: int) -> dict:
     """transformers' own loop: prefill = one forward; decode = generate(new + 1 tokens) - generate(1 token)."""
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
@@ -105,16 +108,14 @@ def bench_transformers(model, prompts: list[list[int]], new: int, repeats: int) 
         assert out.shape[1] == ids.shape[1] + n
         return time.perf_counter() - start
 
-    best_prefill = best_one = best_all = float("inf")
     with torch.inference_mode():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-            best_prefill = min(best_prefill, time.perf_counter() - start)
-            best_one = min(best_one, generate(1))
-            best_all = min(best_all, generate(new + 1))
+        start = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        prefill = time.perf_counter() - start
+        one = generate(1)
+        every = generate(new + 1)
     batch, length = ids.shape
-    return {"prefill_tok_s": batch * length / best_prefill, "decode_tok_s": batch * new / (best_all - best_one)}
+    return {"prefill_tok_s": batch * length / prefill, "decode_tok_s": batch * new / max(every - one, 1e-9)}
 
 
 def main() -> int:
@@ -124,7 +125,7 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=64, help="decode steps timed (default 64)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where the checkpoint and artifact go (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -149,37 +150,41 @@ def main() -> int:
         log("writing the checkpoint and exporting it ...")
         write_checkpoint(RandomSource(config), tmp / "checkpoint", "fp32")
         export_artifact(CheckpointSource(tmp / "checkpoint"), tmp / "artifact", "fp32", "ort")
-        bandwidth = measure_bandwidth()
-        load_before = os.getloadavg()
-        results: dict[str, dict[int, dict]] = {"ort": {}, "ort-plain-run": {}, "eager": {}, "transformers": {}}
         max_batch = max(args.batches)
         capacity = args.prompt + args.new + 1
-        runtimes = {
-            "ort": OrtRuntime(tmp / "artifact", max_batch=max_batch, capacity=capacity, threads=args.threads),
-            "eager": EagerRuntime(CheckpointSource(tmp / "checkpoint"), max_batch=max_batch, capacity=capacity,
-                                  threads=args.threads),
-        }
+        ort_runtime = OrtRuntime(tmp / "artifact", max_batch=max_batch, capacity=capacity, threads=args.threads)
+        eager = EagerRuntime(CheckpointSource(tmp / "checkpoint"), max_batch=max_batch, capacity=capacity,
+                             threads=args.threads)
+        plain = PlainSession(tmp / "artifact", config, ort_runtime.capacity, args.threads)
         hf = Starcoder2ForCausalLM.from_pretrained(tmp / "checkpoint", dtype=torch.float32).eval()
+        measures = []
         for batch in args.batches:
             prompts = prompts_for(batch, args.prompt, config.vocab_size)
-            for name, runtime in runtimes.items():
-                log(f"{name} batch {batch} ...")
-                results[name][batch] = bench_runtime(runtime, prompts, args.new, args.repeats)
-            log(f"ort-plain-run batch {batch} ...")
-            results["ort-plain-run"][batch] = bench_plain_session(tmp / "artifact", config, prompts, args.new,
-                                                                  args.repeats, runtimes["ort"].capacity, args.threads)
-            log(f"transformers batch {batch} ...")
-            results["transformers"][batch] = bench_transformers(hf, prompts, args.new, args.repeats)
-        ort_all = runtimes["ort"]
-        start = time.perf_counter()
-        ort_all.prefill(0, prompts_for(1, args.prompt, config.vocab_size)[0], all_logits=True)
-        prefill_all_logits = args.prompt / (time.perf_counter() - start)
-        load_after = os.getloadavg()
+            measures += [
+                ("ort", batch, lambda p=prompts: time_runtime(ort_runtime, p, args.new)),
+                ("ort-plain-run", batch, lambda p=prompts: plain.time(p, args.new)),
+                ("eager", batch, lambda p=prompts: time_runtime(eager, p, args.new)),
+                ("transformers", batch, lambda p=prompts: time_transformers(hf, p, args.new)),
+            ]
+        one = prompts_for(1, args.prompt, config.vocab_size)
+        measures.append(("ort-all-logits", 1, lambda: time_runtime(ort_runtime, one, 1, all_logits=True)))
+        # Repeats interleave the runtimes, so a burst of load on the machine hits all of them; best of each.
+        results: dict[str, dict[int, dict]] = {}
+        bandwidth, loads = 0.0, [os.getloadavg()]
+        for repeat in range(args.repeats):
+            log(f"repeat {repeat + 1}/{args.repeats} ...")
+            bandwidth = max(bandwidth, measure_bandwidth())
+            for name, batch, measure in measures:
+                got = measure()
+                best = results.setdefault(name, {}).setdefault(batch, got)
+                for key, value in got.items():
+                    best[key] = max(best[key], value)
+            loads.append(os.getloadavg())
+        prefill_all_logits = results.pop("ort-all-logits")[1]["prefill_tok_s"]
 
     ceiling = {b: b * bandwidth / step_bytes for b in args.batches}
     report = {
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_avg_before": load_before,
-                    "load_avg_after": load_after},
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_avg_1min": [x[0] for x in loads]},
         "model": {"size": args.size, "parameters": config.num_parameters, "bytes_per_decode_step": step_bytes},
         "prompt_tokens": args.prompt, "decode_steps": args.new,
         "bandwidth_gb_s": bandwidth / 1e9, "ceiling_decode_tok_s": ceiling,
@@ -190,7 +195,8 @@ def main() -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(f"model {args.size}: {config.num_parameters / 1e6:.0f}M parameters, {step_bytes / 1e9:.3f} GB read per decode "
-          f"step; bandwidth {bandwidth / 1e9:.1f} GB/s; {args.threads} threads; load avg {load_before[0]:.1f}")
+          f"step; bandwidth {bandwidth / 1e9:.1f} GB/s; {args.threads} threads; "
+          f"load avg {min(x[0] for x in loads):.1f}-{max(x[0] for x in loads):.1f}")
     print(f"prompt {args.prompt} tokens, {args.new} decode steps, best of {args.repeats}")
     print(f"{'batch':<6}{'runtime':<15}{'prefill tok/s':>14}{'decode tok/s':>14}{'decode / ceiling':>18}"
           f"{'ort speedup':>13}")
