@@ -128,10 +128,6 @@ class Scheduler:
             return {"waiting": len(self._waiting), "running": self._busy - len(self._waiting),
                     "free_slots": len(self._free), "max_batch": self.max_batch}
 
-    def idle(self) -> bool:
-        with self._lock:
-            return self._busy == 0
-
     def wait_idle(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
         with self._lock:
@@ -192,6 +188,8 @@ class Scheduler:
             gone = [r for r in self._waiting if r.cancelled or r.expired(now)]
             for request in gone:
                 self._waiting.remove(request)
+            if gone:
+                self.metrics.queue_depth.set(len(self._waiting))
         for request in gone:
             self._end_early(request, now)
 
