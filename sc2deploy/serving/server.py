@@ -232,7 +232,8 @@ class CompletionServer:
 
     def start(self) -> int:
         o = self.options
-        address = f"[{o.host}]:{o.port}" if ":" in o.host else f"{o.host}:{o.port}"
+        host = o.host.strip("[]")
+        address = f"[{host}]:{o.port}" if ":" in host else f"{host}:{o.port}"
         if o.tls_cert is not None:
             credentials = grpc.ssl_server_credentials([(o.tls_key, o.tls_cert)])
             self.port = self.server.add_secure_port(address, credentials)
