@@ -175,6 +175,8 @@ def main() -> int:
             log(f"repeat {repeat + 1}/{args.repeats} ...")
             bandwidth = max(bandwidth, measure_bandwidth())
             for name, batch, measure in measures:
+                # What each deployment does: the ORT runtime keeps torch (used only on logits) on one thread.
+                torch.set_num_threads(1 if name.startswith("ort") else args.threads)
                 got = measure()
                 best = results.setdefault(name, {}).setdefault(batch, got)
                 for key, value in got.items():

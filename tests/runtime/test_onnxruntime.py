@@ -84,6 +84,7 @@ def test_window_cache_capacity_and_describe(tiny):
     info = runtime.describe()
     assert info["provider"] == "CPUExecutionProvider" and info["runtime"] == "ort" and info["threads"] == 1
     assert runtime.capacity == 8 + 16  # window + slack on CPU
+    assert runtime._logits_to_keep is not None  # a prefill computes the head for its last position only
     assert OrtRuntime(artifact, capacity=5).capacity == 8  # never below the window (ONNX Runtime requires it)
     assert OrtRuntime(artifact, cache_slack=0).capacity == 8
 
