@@ -173,6 +173,7 @@ def main() -> int:
         bandwidth, loads = 0.0, [os.getloadavg()]
         for repeat in range(args.repeats):
             log(f"repeat {repeat + 1}/{args.repeats} ...")
+            torch.set_num_threads(args.threads)
             bandwidth = max(bandwidth, measure_bandwidth())
             for name, batch, measure in measures:
                 # What each deployment does: the ORT runtime keeps torch (used only on logits) on one thread.
