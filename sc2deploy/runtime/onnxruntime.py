@@ -86,6 +86,7 @@ class OrtRuntime(Runtime):
 
             self._logits_to_keep = {k: ort.OrtValue.ortvalue_from_numpy(np.asarray([k], dtype=np.int64)) for k in (0, 1)}
         self._allocate_cache()
+        self._bindings: dict[tuple[int, int], object] = {}
         self._init_slots()
 
     # ---------------------------------------------------------------- setup
@@ -187,16 +188,16 @@ class OrtRuntime(Runtime):
                 for run in _contiguous_runs(ordered)])
         for s in slots:
             self._lengths[s] += 1
-        result = np.empty_like(logits)
-        result[order] = logits
-        return _to_torch(result)
+        if order == sorted(order):
+            return _to_torch(logits)
+        return _to_torch(logits[np.argsort(order)], copied=True)
 
     # ---------------------------------------------------------------- running
-    def _decode_rows(self, slots: list[int], token_ids: list[int], pointers) -> np.ndarray:
+    def _decode_rows(self, slots: list[int], token_ids: list[int], pointers, reuse: bool = True) -> np.ndarray:
         totals = np.asarray([self._lengths[s] + 1 for s in slots])
         mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
         ids = np.asarray(token_ids, dtype=np.int64)[:, None]
-        return self._run(ids, mask, pointers, keep=1)[:, 0]
+        return self._run(ids, mask, pointers, keep=1, reuse=reuse)[:, 0]
 
     def _decode_gathered(self, slots: list[int], token_ids: list[int]) -> np.ndarray:
         """Non-contiguous slots on CPU: copy their resident cache rows into a staging batch and back."""
@@ -210,7 +211,8 @@ class OrtRuntime(Runtime):
                 sk[row, :, :used] = k[slot, :, :used]
                 sv[row, :, :used] = v[slot, :, :used]
             staging.append((sk, sv))
-        logits = self._decode_rows(slots, token_ids, [(sk.ctypes.data, sv.ctypes.data) for sk, sv in staging])
+        logits = self._decode_rows(slots, token_ids, [(sk.ctypes.data, sv.ctypes.data) for sk, sv in staging],
+                                   reuse=False)
         for (k, v), (sk, sv) in zip(self._cache, staging):
             for row, (slot, used) in enumerate(zip(slots, after)):
                 k[slot, :, :used] = sk[row, :, :used]
@@ -229,15 +231,30 @@ class OrtRuntime(Runtime):
         offset = first_row * self._row_bytes
         return [(k + offset, v + offset) for k, v in self._pointers]
 
-    def _run(self, ids: np.ndarray, mask: np.ndarray, pointers, keep: int) -> np.ndarray:
-        c = self.config
+    def _run(self, ids: np.ndarray, mask: np.ndarray, pointers, keep: int, reuse: bool = False) -> np.ndarray:
+        """One session run with the cache rows at `pointers` bound as past and present (in place).
+
+        A decode step (one token per row, preallocated logits) keeps its IOBinding for the next step over the
+        same rows (`reuse`), so that only the token ids and the mask are bound again.
+        """
         batch = ids.shape[0]
-        io = self.session.io_binding()
+        preallocated = self._decode_logits is not None and ids.shape[1] == 1 and keep == 1
+        key = (pointers[0][0], batch) if reuse and preallocated else None
+        io = self._bindings.get(key) if key else None
+        if io is None:
+            io = self._bind(pointers, batch, keep, preallocated)
+            if key:
+                self._bindings[key] = io
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
+        self.session.run_with_iobinding(io)
+        return self._decode_logits[:batch] if preallocated else io.get_outputs()[0].numpy()
+
+    def _bind(self, pointers, batch: int, keep: int, preallocated: bool):
+        c = self.config
+        io = self.session.io_binding()
         if self._logits_to_keep is not None:
             io.bind_ortvalue_input("logits_to_keep", self._logits_to_keep[keep])
-        preallocated = self._decode_logits is not None and ids.shape[1] == 1 and keep == 1
         if preallocated:
             out = self._decode_logits[:batch]
             io.bind_output("logits", "cpu", 0, self._np_dtype, list(out.shape), out.ctypes.data)
@@ -249,8 +266,7 @@ class OrtRuntime(Runtime):
             for kind, ptr in (("key", k), ("value", v)):
                 io.bind_input(f"past_key_values.{layer}.{kind}", device, device_id, self._np_dtype, shape, ptr)
                 io.bind_output(f"present.{layer}.{kind}", device, device_id, self._np_dtype, shape, ptr)
-        self.session.run_with_iobinding(io)
-        return out if preallocated else io.get_outputs()[0].numpy()
+        return io
 
     def _check_room(self, total: int) -> None:
         if not self.windowed and total > self.capacity:
@@ -268,9 +284,9 @@ def _contiguous_runs(slots: list[int]) -> list[list[int]]:
     return runs
 
 
-def _to_torch(array: np.ndarray) -> Tensor:
-    """float32 logits the caller owns (the runtime reuses its decode buffer)."""
-    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+def _to_torch(array: np.ndarray, copied: bool = False) -> Tensor:
+    """float32 logits the caller owns (the runtime reuses its decode buffer): one copy at most."""
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=not copied))
 
 
 def _choose_provider(provider: str | None) -> str:
