@@ -135,14 +135,13 @@ class OrtRuntime(Runtime):
             self._device = ("cpu", 0)
             self._cache = [(np.zeros(shape, np_dtype), np.zeros(shape, np_dtype)) for _ in range(c.num_hidden_layers)]
             self._pointers = [(k.ctypes.data, v.ctypes.data) for k, v in self._cache]
-            self._decode_logits = np.empty((self.max_batch, 1, c.vocab_size), np_dtype)
         else:
             self._device = (self.provider, 0)
             self._cache = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, np_dtype, self.provider, 0),
                             ort.OrtValue.ortvalue_from_shape_and_type(shape, np_dtype, self.provider, 0))
                            for _ in range(c.num_hidden_layers)]
             self._pointers = [(k.data_ptr(), v.data_ptr()) for k, v in self._cache]
-            self._decode_logits = None
+        self._decode_logits = np.empty((self.max_batch, 1, c.vocab_size), np_dtype)  # host memory on any provider
 
     def describe(self) -> dict:
         return {**super().describe(), "provider": PROVIDERS[self.provider], "artifact": str(self.artifact),
@@ -155,7 +154,7 @@ class OrtRuntime(Runtime):
         ids = np.asarray([list(token_ids)], dtype=np.int64)
         logits = self._run(ids, np.ones_like(ids), self._row_pointers(slot), keep=0 if all_logits else 1)
         self._lengths[slot] = len(token_ids)
-        return _to_torch(logits[0] if all_logits else logits[0, -1])
+        return _to_torch(logits[0] if all_logits else logits[0, -1], copied=True)
 
     def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
         for slot, ids in enumerate(prompts):
@@ -170,7 +169,7 @@ class OrtRuntime(Runtime):
         logits = self._run(ids, mask, self._row_pointers(0), keep=0)
         for slot, p in enumerate(prompts):
             self._lengths[slot] = len(p)
-        return [_to_torch(logits[row, :len(p)]) for row, p in enumerate(prompts)]
+        return [_to_torch(logits[row, :len(p)], copied=True) for row, p in enumerate(prompts)]
 
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Tensor:
         self._check_decode(slots, token_ids)
@@ -237,29 +236,33 @@ class OrtRuntime(Runtime):
         A decode step (one token per row, preallocated logits) keeps its IOBinding for the next step over the
         same rows (`reuse`), so that only the token ids and the mask are bound again.
         """
-        batch = ids.shape[0]
-        preallocated = self._decode_logits is not None and ids.shape[1] == 1 and keep == 1
-        key = (pointers[0][0], batch) if reuse and preallocated else None
+        batch, seq = ids.shape
+        if self._logits_to_keep is None:
+            keep = 0
+        # A decode step writes into the runtime's own buffer (callers get a copy); a prefill into memory
+        # ONNX Runtime allocates (its arena: a fresh numpy array of S x vocab costs ~15% in page faults at
+        # batch 8 x 2000 tokens), handed out as numpy views, without a copy.
+        logits = self._decode_logits[:batch] if seq == 1 and keep == 1 else None
+        key = (pointers[0][0], batch) if reuse and logits is not None else None
         io = self._bindings.get(key) if key else None
         if io is None:
-            io = self._bind(pointers, batch, keep, preallocated)
+            io = self._bind(pointers, batch, keep, logits)
             if key:
                 self._bindings[key] = io
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
         self.session.run_with_iobinding(io)
-        return self._decode_logits[:batch] if preallocated else io.get_outputs()[0].numpy()
+        return logits if logits is not None else io.get_outputs()[0].numpy()
 
-    def _bind(self, pointers, batch: int, keep: int, preallocated: bool):
+    def _bind(self, pointers, batch: int, keep: int, logits: np.ndarray | None):
         c = self.config
         io = self.session.io_binding()
         if self._logits_to_keep is not None:
             io.bind_ortvalue_input("logits_to_keep", self._logits_to_keep[keep])
-        if preallocated:
-            out = self._decode_logits[:batch]
-            io.bind_output("logits", "cpu", 0, self._np_dtype, list(out.shape), out.ctypes.data)
+        if logits is not None:
+            io.bind_output("logits", "cpu", 0, self._np_dtype, list(logits.shape), logits.ctypes.data)
         else:
-            io.bind_output("logits", "cpu")  # bound first: get_outputs() follows the binding order
+            io.bind_output("logits", "cpu")  # bound first: get_outputs()[0] is the logits
         device, device_id = self._device
         shape = [batch, c.num_key_value_heads, self.capacity, c.head_dim]
         for layer, (k, v) in enumerate(pointers):
@@ -285,8 +288,8 @@ def _contiguous_runs(slots: list[int]) -> list[list[int]]:
 
 
 def _to_torch(array: np.ndarray, copied: bool = False) -> Tensor:
-    """float32 logits the caller owns (the runtime reuses its decode buffer): one copy at most."""
-    return torch.from_numpy(np.array(array, dtype=np.float32, copy=not copied))
+    """float32 logits the caller owns: a copy of the runtime's reused decode buffer, else (`copied`) a view."""
+    return torch.from_numpy(np.asarray(array, dtype=np.float32) if copied else np.array(array, dtype=np.float32))
 
 
 def _choose_provider(provider: str | None) -> str:
