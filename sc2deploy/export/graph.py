@@ -12,9 +12,13 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sc2deploy.config import Config, torch_dtype
 from sc2deploy.export.nodes import attention_translation
+
+if TYPE_CHECKING:
+    import onnx
 
 OPSET = 20  # Gelu(approximate="tanh") needs opset 20
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime-gpu 1.31 loads at most 13 (FACTS §2)
@@ -42,7 +46,7 @@ class InitializerSpec:
 
 @dataclass
 class ExportGraph:
-    model: object  # onnx.ModelProto with no initializers: weights.py adds them
+    model: onnx.ModelProto  # no initializers yet: weights.py makes them
     initializers: list[InitializerSpec]
 
 
@@ -78,6 +82,7 @@ def trace_model(config: Config, dtype: str, target: str):
             model, (input_ids, attention_mask, past), dynamo=True, optimize=False, verbose=False,
             opset_version=OPSET, dynamic_shapes=dynamic_shapes,
             custom_translation_table=attention_translation(config, dtype, target))
+    assert program is not None
     return program.model
 
 

@@ -52,7 +52,7 @@ def _ort_node(config: Config, dtype: str) -> Callable:
         if windowed:
             sequence = op.Cast(op.Shape(query, start=1, end=2), to=6)  # int32 (1,)
             first_prompt = op.Equal(sequence, total_sequence_length)
-            one = op.Cast(op.Constant(value_int=1), to=6)
+            one = op.Cast(op.Constant(value_int=1), to=6)  # type: ignore[type-var]  # onnxscript's stubs
             inputs += [None] * 7 + [op.Where(first_prompt, op.Add(seqlens_k, one), sequence)]
         return msft.GroupQueryAttention(
             *inputs, num_heads=num_heads, kv_num_heads=kv_num_heads,

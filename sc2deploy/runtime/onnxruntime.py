@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ class OrtRuntime(Runtime):
 
             self._logits_to_keep = {k: ort.OrtValue.ortvalue_from_numpy(np.asarray([k], dtype=np.int64)) for k in (0, 1)}
         self._allocate_cache()
-        self._bindings: dict[tuple[int, int], object] = {}
+        self._bindings: dict[tuple[int, int], Any] = {}  # onnxruntime.IOBinding
         self._init_slots()
 
     # ---------------------------------------------------------------- setup
@@ -95,7 +96,7 @@ class OrtRuntime(Runtime):
         wanted = c.max_position_embeddings if wanted is None else min(wanted, c.max_position_embeddings)
         if not self.windowed:
             return max(1, wanted)
-        window = c.sliding_window
+        window = c.window
         if self.provider != "cpu":
             return window
         slack = max(16, window // 8) if slack is None else slack
@@ -131,6 +132,7 @@ class OrtRuntime(Runtime):
         np_dtype = NUMPY_DTYPES[self.dtype]
         self._np_dtype = np_dtype
         self._row_bytes = c.num_key_value_heads * self.capacity * c.head_dim * np.dtype(np_dtype).itemsize
+        self._cache: list[tuple[Any, Any]]  # numpy arrays on CPU, OrtValues on a device
         if self.provider == "cpu":
             self._device = ("cpu", 0)
             self._cache = [(np.zeros(shape, np_dtype), np.zeros(shape, np_dtype)) for _ in range(c.num_hidden_layers)]
@@ -157,9 +159,9 @@ class OrtRuntime(Runtime):
         return _to_torch(logits[0] if all_logits else logits[0, -1], copied=True)
 
     def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
-        for slot, ids in enumerate(prompts):
-            self._check_prefill(slot, ids)
-            self._check_room(len(ids))
+        for slot, prompt in enumerate(prompts):
+            self._check_prefill(slot, prompt)
+            self._check_room(len(prompt))
         longest = max(len(p) for p in prompts)
         ids = np.zeros((len(prompts), longest), dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -223,7 +225,7 @@ class OrtRuntime(Runtime):
         c = self.capacity
         if not self.windowed or total <= c:
             return min(total, c)
-        evict = c - self.config.sliding_window + 1
+        evict = c - self.config.window + 1
         return total - evict * -(-(total - c) // evict)
 
     def _row_pointers(self, first_row: int) -> list[tuple[int, int]]:
