@@ -23,10 +23,8 @@ is the TensorRT half, written against TensorRT's Python API (10.9+, 11.x) and ty
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,9 +33,10 @@ from typing import Any
 
 from sc2deploy.config import PRESETS, Config
 from sc2deploy.errors import UserError
+from sc2deploy.staging import MANIFEST, staging_folder
+from sc2deploy.staging import check_destination as _check_destination
 
 ENGINE_FILE = "model.plan"
-MANIFEST = "sc2deploy.json"  # the name `parity` and `serve` look for in any folder they are given
 FORMAT, FORMAT_VERSION = "sc2deploy-tensorrt-engine", 1
 ARTIFACT_FORMAT = "sc2deploy-onnx-artifact"
 BUILD_DTYPES = ("fp16", "bf16", "fp32")
@@ -375,11 +374,7 @@ def write_engine_folder(out: Path, engine: bytes | memoryview, manifest_without_
     """Write model.plan, the manifest and `extra_files` into a temporary folder, then rename it to `out`."""
     import hashlib
 
-    out = Path(out)
-    check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staging_folder(Path(out), force, "engine folder", ENGINE_MARKERS) as tmp:
         data = bytes(engine)
         (tmp / ENGINE_FILE).write_bytes(data)
         for name, src in extra_files.items():
@@ -387,26 +382,14 @@ def write_engine_folder(out: Path, engine: bytes | memoryview, manifest_without_
         manifest = manifest_without_hashes(len(data), hashlib.sha256(data).hexdigest())
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(manifest["config"], indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
+ENGINE_MARKERS = (MANIFEST, ENGINE_FILE)
+
+
 def check_destination(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; choose another --out")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not force:
-        raise UserError(f"{out} exists and is not empty; pass --force to replace an earlier engine, or choose another --out")
-    if not (out / MANIFEST).is_file() or not (out / ENGINE_FILE).is_file():
-        raise UserError(f"{out} is not an sc2deploy engine folder; --force replaces only an earlier engine: remove the "
-                        "folder yourself or choose another --out")
+    _check_destination(out, force, "engine folder", ENGINE_MARKERS)
 
 
 # ---------------------------------------------------------------- the TensorRT half

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from torch import Tensor
 
 from sc2deploy.config import Config, torch_dtype
 from sc2deploy.errors import UserError
+from sc2deploy.staging import staging_folder
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
@@ -173,14 +172,11 @@ class RandomSource(TensorSource):
 
 # ---------------------------------------------------------------- writing
 def write_checkpoint(source: TensorSource, out: str | Path, dtype: str, tokenizer_json: Path | None = None,
-                     shard_bytes: int = SHARD_BYTES, progress: Callable[[int], None] | None = None) -> Path:
+                     shard_bytes: int = SHARD_BYTES, progress: Callable[[int], None] | None = None,
+                     force: bool = False) -> Path:
     """Write `source` as a Hugging Face checkpoint; built in a temporary folder and renamed into place."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staging_folder(out, force, "checkpoint", ("config.json",)) as tmp:
         shapes = source.config.tensor_shapes()
         nbytes = {n: _numel(s) * torch_dtype(dtype).itemsize for n, s in shapes.items()}
         shards = _plan_shards(list(shapes), nbytes, shard_bytes)
@@ -198,12 +194,6 @@ def write_checkpoint(source: TensorSource, out: str | Path, dtype: str, tokenize
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / "tokenizer.json")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -129,3 +129,16 @@ def test_streamed_writer_peak_memory_is_bounded(tmp_path):
     source = RandomSource(preset("7b"))
     sizes = {b.numel() for _, b in source.blocks("model.embed_tokens.weight")}
     assert max(sizes) <= 1 << 22
+
+
+def test_force_replaces_only_an_earlier_checkpoint(tmp_path):
+    out = write_checkpoint(RandomSource(preset("tiny"), seed=1), tmp_path / "ck", "fp32")
+    write_checkpoint(RandomSource(preset("tiny"), seed=2), out, "fp32", force=True)
+    assert torch.equal(CheckpointSource(out).get("model.norm.bias", "fp32"),
+                       RandomSource(preset("tiny"), 2).get("model.norm.bias", "fp32"))
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("x")
+    with pytest.raises(UserError, match="not an sc2deploy checkpoint"):
+        write_checkpoint(RandomSource(preset("tiny")), other, "fp32", force=True)
+    assert (other / "mine.txt").read_text() == "x"

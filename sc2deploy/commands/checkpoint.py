@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     add_size(p, required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist or be empty)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an earlier checkpoint in --out")
     add_dtype(p)
     p.set_defaults(func=run)
 
@@ -30,6 +31,7 @@ def run(args) -> int:
         raise UserError(f"unknown dtype {args.dtype!r}; choose one of fp32, fp16, bf16")
     source = RandomSource(config, args.seed)
     with progress_bar(config.weight_bytes(args.dtype), f"writing {args.size}") as bar:
-        out = write_checkpoint(source, Path(args.out), args.dtype, packaged_tokenizer_path(), progress=bar.update)
+        out = write_checkpoint(source, Path(args.out), args.dtype, packaged_tokenizer_path(), progress=bar.update,
+                               force=args.force)
     print(f"wrote {out} ({config.weight_bytes(args.dtype) / 1e9:.2f} GB of {args.dtype} weights, seed {args.seed})")
     return 0

@@ -3,7 +3,7 @@
 Modules: targets (what can be exported), schemas and nodes (the attention node per target),
 graph and rewrite (tracing on the meta device, then tidying the graph), weights (streamed
 external data), genai (onnxruntime-genai's config), manifest (sc2deploy.json, verification),
-artifact (temporary folder, atomic rename), exporter (all of it: `export_artifact`).
+exporter (all of it: `export_artifact`; the folder is written through sc2deploy.staging).
 Heavy dependencies (torch.onnx, onnx) are imported only when an export runs.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sc2deploy.checkpoint import CheckpointSource, RandomSource, TensorSource
 from sc2deploy.config import PRESETS
-from sc2deploy.export.artifact import check_destination, staging_folder
+from sc2deploy.staging import check_destination, staging_folder
 from sc2deploy.export.targets import check_target
 
 MODEL_FILE = "model.onnx"

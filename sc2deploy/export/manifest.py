@@ -14,7 +14,7 @@ from pathlib import Path
 from sc2deploy.checkpoint import sha256_file
 from sc2deploy.errors import UserError
 
-MANIFEST = "sc2deploy.json"
+from sc2deploy.staging import MANIFEST  # noqa: F401  (re-exported)
 FORMAT, FORMAT_VERSION = "sc2deploy-onnx-artifact", 1
 TOOLS = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-genai", "transformers")
 
