@@ -33,6 +33,7 @@ from typing import Any
 
 from sc2deploy.config import PRESETS, Config
 from sc2deploy.errors import UserError
+from sc2deploy import staging
 from sc2deploy.staging import MANIFEST, staging_folder
 from sc2deploy.staging import check_destination as _check_destination
 
@@ -304,25 +305,20 @@ def engine_manifest(*, artifact: Artifact, settings: BuildSettings, tensorrt_ver
     }
 
 
-def read_engine_manifest(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise UserError(f"engine folder {folder} does not exist; make one with `sc2deploy build ARTIFACT --out DIR`")
-    if not path.is_file():
-        raise UserError(f"{folder} is not an sc2deploy engine folder (no {MANIFEST}); build one with "
-                        "`sc2deploy build ARTIFACT --out DIR`")
+def _format_of(path: Path) -> object:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); rebuild the engine") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        what = manifest.get("format") if isinstance(manifest, dict) else None
-        hint = " (an export artifact: build an engine from it with `sc2deploy build`)" if what == ARTIFACT_FORMAT else ""
-        raise UserError(f"{path} is not an sc2deploy engine manifest (format {what!r}){hint}")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise UserError(f"{path} has format version {manifest['format_version']}, newer than this sc2deploy reads "
-                        f"({FORMAT_VERSION}); upgrade sc2deploy")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
+def read_engine_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if _format_of(path) == ARTIFACT_FORMAT:
+        raise UserError(f"{path} is an export artifact, not an engine: build an engine from it with `sc2deploy build`")
+    manifest = staging.read_manifest(folder, "engine folder", FORMAT, FORMAT_VERSION,
+                                     "build one with `sc2deploy build ARTIFACT --out DIR`")
     for key in ("tensorrt_version", "gpu", "plugin", "build", "config", "engine"):
         if key not in manifest:
             raise UserError(f"{path} lacks {key!r}; rebuild the engine")

@@ -14,7 +14,8 @@ from pathlib import Path
 from sc2deploy.checkpoint import sha256_file
 from sc2deploy.errors import UserError
 
-from sc2deploy.staging import MANIFEST  # noqa: F401  (re-exported)
+from sc2deploy import staging
+from sc2deploy.staging import MANIFEST
 FORMAT, FORMAT_VERSION = "sc2deploy-onnx-artifact", 1
 TOOLS = ("torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-genai", "transformers")
 
@@ -44,22 +45,9 @@ def write_manifest(folder: Path, body: dict, known_sha256: dict[str, str] | None
 
 
 def read_manifest(folder: str | Path) -> dict:
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise UserError(f"artifact folder {folder} does not exist; make one with `sc2deploy export`")
-    if not path.is_file():
-        raise UserError(f"{folder} is not an sc2deploy artifact (no {MANIFEST}); an interrupted or foreign "
-                        "export lacks it: run `sc2deploy export` again")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); re-export the artifact") from None
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise UserError(f"{path} is not an sc2deploy artifact manifest (format {manifest.get('format')!r}); re-export")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{path} has format version {manifest['format_version']}, newer than this sc2deploy "
-                        f"reads ({FORMAT_VERSION}); upgrade sc2deploy")
+    manifest = staging.read_manifest(folder, "artifact", FORMAT, FORMAT_VERSION, "run `sc2deploy export` again")
+    if not isinstance(manifest.get("files"), dict):
+        raise UserError(f"{Path(folder) / MANIFEST} lists no files; run `sc2deploy export` again")
     return manifest
 
 
