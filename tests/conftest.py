@@ -1,6 +1,8 @@
 """Shared fixtures: random checkpoints written by transformers (the independent oracle) and by sc2deploy."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,24 @@ def hf_checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     model = make_hf_model(folder, **dict(HF_CONFIGS[request.param]))
     return folder, model
+
+
+def _artifacts():
+    """tests/export/artifacts.py, loaded once by path: a session-wide store of checkpoints and exports."""
+    name, path = "sc2deploy_tests_artifacts", REPO / "tests" / "export" / "artifacts.py"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """The helper module tests/export/artifacts.py (make_hf_model, ort_session, run_prompt, ...)."""
+    return _artifacts()
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    return _artifacts().store(tmp_path_factory)
