@@ -39,6 +39,10 @@ class TensorSource:
     def get(self, name: str, dtype: str) -> Tensor:
         raise NotImplementedError
 
+    def blocks(self, name: str, dtype: str) -> Iterator[tuple[int, Tensor]]:
+        """(flat offset, values) pieces of one tensor, for writers that stream; one piece unless overridden."""
+        yield 0, self.get(name, dtype).reshape(-1)
+
 
 # ---------------------------------------------------------------- reading
 class CheckpointSource(TensorSource):
@@ -146,12 +150,12 @@ class RandomSource(TensorSource):
 
     def get(self, name: str, dtype: str) -> Tensor:
         out = torch.empty(self._shapes[name], dtype=torch_dtype(dtype))
-        for start, block in self.blocks(name):
+        for start, block in self.blocks(name, dtype):
             out.view(-1)[start:start + block.numel()] = block
         return out
 
-    def blocks(self, name: str) -> Iterator[tuple[int, Tensor]]:
-        """(flat offset, float32 values) in chunks of RANDOM_CHUNK elements; bounded memory for any size."""
+    def blocks(self, name: str, dtype: str = "fp32") -> Iterator[tuple[int, Tensor]]:
+        """(flat offset, float32 values) in chunks of RANDOM_CHUNK elements, whatever `dtype`; bounded memory."""
         shape = self._shapes[name]
         numel = 1
         for d in shape:
@@ -232,15 +236,9 @@ def _write_safetensors(path: Path, names: list[str], shapes: dict, dtype: str, s
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in names:
-            if isinstance(source, RandomSource):
-                for _, block in source.blocks(name):
-                    data = block.to(tdtype)
-                    f.write(data.view(torch.uint8).numpy().tobytes())
-                    if progress:
-                        progress(data.numel() * tdtype.itemsize)
-            else:
-                data = source.get(name, dtype).contiguous()
-                f.write(data.view(-1).view(torch.uint8).numpy().tobytes())
+            for _, block in source.blocks(name, dtype):
+                data = block.to(tdtype).contiguous()
+                f.write(data.view(torch.uint8).numpy().tobytes())
                 if progress:
                     progress(data.numel() * tdtype.itemsize)
 

@@ -114,10 +114,10 @@ def test_writer_refuses_non_empty_folder_and_leaves_nothing_behind(tmp_path):
         write_checkpoint(RandomSource(preset("tiny")), out, "fp32")
 
     class Boom(RandomSource):
-        def blocks(self, name):
+        def blocks(self, name, dtype="fp32"):
             if name.startswith("model.layers.1"):
                 raise KeyboardInterrupt
-            yield from super().blocks(name)
+            yield from super().blocks(name, dtype)
 
     with pytest.raises(KeyboardInterrupt):
         write_checkpoint(Boom(preset("tiny")), tmp_path / "partial", "fp32")
@@ -142,3 +142,10 @@ def test_force_replaces_only_an_earlier_checkpoint(tmp_path):
     with pytest.raises(UserError, match="not an sc2deploy checkpoint"):
         write_checkpoint(RandomSource(preset("tiny")), other, "fp32", force=True)
     assert (other / "mine.txt").read_text() == "x"
+
+
+def test_rewriting_a_checkpoint_in_another_dtype(tmp_path):
+    first = write_checkpoint(RandomSource(preset("tiny"), seed=4), tmp_path / "fp32", "fp32")
+    second = write_checkpoint(CheckpointSource(first), tmp_path / "bf16", "bf16")
+    for name in ("model.embed_tokens.weight", "model.norm.bias"):
+        assert torch.equal(CheckpointSource(second).get(name, "bf16"), CheckpointSource(first).get(name, "bf16"))
