@@ -1,0 +1,95 @@
+"""Flash-decoding (plugins/triton_decode) against the contract's reference, one row at a time."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sc2deploy.attention import rope_cache, sliding_window_gqa_reference  # noqa: E402
+from sc2deploy.plugins import triton_decode as td  # noqa: E402
+from sc2deploy.plugins import triton_kernel as tk  # noqa: E402
+
+if not tk.INTERPRET and not torch.cuda.is_available():
+    pytest.skip("triton_kernel was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+
+DEVICE = "cpu" if tk.INTERPRET else "cuda"
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+ATOL = {F32: 1e-5, F16: 4e-3, BF16: 3e-2}
+
+
+def run_case(nq, nkv, h, window, capacity, positions, dtype, *, rows=None, slots=None, splits=2, block_n=16, seed=0):
+    """Decode one token per row with the kernel and, row by row, with the reference; compare output and cache."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(positions)
+    rows = rows or batch
+    slots = slots or list(range(batch))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+    query, key, value = randn(batch, nq * h), randn(batch, nkv * h), randn(batch, nkv * h)
+    k_cache, v_cache = randn(rows, nkv, capacity, h), randn(rows, nkv, capacity, h)
+    cos, sin = rope_cache(h, 10000.0, max(positions) + 1)
+    cos, sin = cos.contiguous().to(DEVICE), sin.contiguous().to(DEVICE)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    as_int = dict(dtype=torch.int32, device=DEVICE)
+    out = td.decode_attention(query, key, value, k_cache, v_cache, torch.tensor(slots, **as_int),
+                              torch.tensor(positions, **as_int), cos, sin, nq, nkv, window, h ** -0.5,
+                              num_splits=splits, block_n=block_n)
+    for b, (slot, pos) in enumerate(zip(slots, positions)):
+        ref, pk, pv = sliding_window_gqa_reference(
+            query[b:b + 1, None], key[b:b + 1, None], value[b:b + 1, None], k_before[slot:slot + 1],
+            v_before[slot:slot + 1], torch.tensor([pos], **as_int), torch.tensor(pos + 1, **as_int), cos, sin,
+            nq, nkv, window, h ** -0.5)
+        torch.testing.assert_close(out[b], ref[0, 0], atol=ATOL[dtype], rtol=0)
+        if tk.INTERPRET:  # the same rounding as the reference; a GPU may FMA-contract fp32 RoPE
+            assert torch.equal(k_cache[slot], pk[0]) and torch.equal(v_cache[slot], pv[0])
+        else:
+            torch.testing.assert_close(k_cache[slot], pk[0], atol=ATOL[dtype], rtol=0)
+            torch.testing.assert_close(v_cache[slot], pv[0], atol=ATOL[dtype], rtol=0)
+    untouched = sorted(set(range(rows)) - set(slots))
+    assert torch.equal(k_cache[untouched], k_before[untouched]) and torch.equal(v_cache[untouched], v_before[untouched])
+    return out
+
+
+# (Nq, Nkv, H, W, C, positions): ring wrapped (C = W and C = W - 1), window below the cache, a linear cache
+# (no window), the first token (position 0), rows at different depths in one batch.
+CASES = [
+    (4, 2, 16, 32, 32, [100, 31, 0]),
+    (4, 1, 32, 32, 31, [95]),
+    (6, 2, 32, 20, 48, [70, 7]),
+    (2, 2, 16, 0, 80, [79, 40]),
+    (12, 1, 64, 64, 64, [64, 65, 200]),
+    (8, 4, 128, 24, 24, [23, 24, 300]),
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+@pytest.mark.parametrize("nq, nkv, h, window, capacity, positions", CASES)
+def test_decode_matches_reference(nq, nkv, h, window, capacity, positions, dtype):
+    run_case(nq, nkv, h, window, capacity, positions, dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8, 40])
+def test_any_split_count_gives_the_same_output(splits):
+    """More splits than key blocks leave some splits empty; one split is plain flash attention."""
+    out = run_case(4, 2, 16, 64, 64, [150, 9], F32, splits=splits)
+    base = run_case(4, 2, 16, 64, 64, [150, 9], F32, splits=2)
+    torch.testing.assert_close(out, base, atol=1e-6, rtol=0)
+
+
+def test_rows_map_to_any_cache_slots():
+    """Batch rows write and read only their own slots, in any order, of a larger cache."""
+    run_case(4, 2, 32, 16, 16, [40, 3, 17], BF16, rows=6, slots=[5, 0, 3])
+
+
+def test_block_size_64_default():
+    run_case(8, 2, 64, 128, 128, [300, 64], F16, splits=2, block_n=td.BLOCK_N)
+
+
+def test_split_count_fills_the_gpu_but_not_past_the_blocks():
+    assert td.split_count(1, 4, 4095, sm_count=132) == 64  # 4096 keys / 64 = 64 blocks, 66 wanted
+    assert td.split_count(8, 4, 4095, sm_count=132) == 9
+    assert td.split_count(64, 4, 4095, sm_count=132) == 2
+    assert td.split_count(1, 1, 10, sm_count=132) == 1
