@@ -54,7 +54,8 @@ def run_case(nq, nkv, h, window, capacity, positions, dtype, *, rows=None, slots
 
 
 # (Nq, Nkv, H, W, C, positions): ring wrapped (C = W and C = W - 1), window below the cache, a linear cache
-# (no window), the first token (position 0), rows at different depths in one batch.
+# (no window), the first token (position 0), rows at different depths in one batch; the append happens after
+# the reads, so even rings shorter than the window are exact.
 CASES = [
     (4, 2, 16, 32, 32, [100, 31, 0]),
     (4, 1, 32, 32, 31, [95]),
@@ -62,6 +63,8 @@ CASES = [
     (2, 2, 16, 0, 80, [79, 40]),
     (12, 1, 64, 64, 64, [64, 65, 200]),
     (8, 4, 128, 24, 24, [23, 24, 300]),
+    (2, 1, 16, 0, 24, [50, 23]),  # no window, a ring shorter than the sequence: only what it holds
+    (4, 2, 16, 40, 24, [60]),  # a ring shorter than the window
 ]
 
 
