@@ -1,12 +1,30 @@
-"""Shared fixtures: random checkpoints written by transformers (the independent oracle) and by sc2deploy."""
+"""Shared fixtures: random checkpoints written by transformers (the independent oracle) and by sc2deploy.
+
+Triton kernels run on CPU through Triton's interpreter: TRITON_INTERPRET is read by `@triton.jit`
+when sc2deploy.plugins.triton_kernel is imported (not when triton is), so it is set here, before
+pytest imports any test module. If something imported triton_kernel earlier without it, the module
+is reloaded so that its kernels are rebuilt for the interpreter. setdefault: TRITON_INTERPRET=0 on a
+GPU host runs the same tests natively on CUDA.
+
+`@pytest.mark.gpu` tests need a CUDA GPU (`pytest -m gpu` on a GPU host): skipped, with the reason,
+where there is none.
+"""
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+_loaded = sys.modules.get("sc2deploy.plugins.triton_kernel")
+if _loaded is not None and os.environ["TRITON_INTERPRET"] == "1" and not _loaded.INTERPRET:
+    importlib.reload(_loaded)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -67,3 +85,13 @@ def helpers():
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
     return _artifacts().store(tmp_path_factory)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); run `pytest -m gpu` "
+                                   "on a GPU host, e.g. through scripts/gpu-check.sh")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,218 @@
+"""The cuda runtime: the reference model on a GPU, its attention in Triton, decode as CUDA graphs.
+
+The weights and modules are the reference model's (`load_model` on the device, bf16/fp16, or
+fp32); only attention differs, and it keeps the contract of `sc2deploy.attention`:
+  * prefill: `triton_kernel.launch` (RoPE + cache kernel, then windowed flash attention) with
+    the slot's cache rows as both past and present: a first prompt reads no past, so writing
+    in place is exact;
+  * decode: `triton_decode.decode_attention` (flash-decoding split over the window, then the
+    in-place append of the new key and value).
+The KV cache is allocated once: per layer (max_batch + 1, Nkv, C, H) on the device, ring slot
+p % C. Row max_batch is scratch: the padding rows of a graph bucket write there.
+
+Decode runs as one CUDA graph per batch bucket (1, 2, 4, ... max_batch), captured when the
+runtime opens: a step copies the token ids, cache rows and positions of its slots into a static
+int32 buffer (padding rows aim at the scratch row) and replays the graph; nothing else crosses
+to the host, and any set of slots, contiguous or not, runs in one call. Logits stay on the
+device (float32).
+
+Without a GPU the same code runs on CPU tensors under TRITON_INTERPRET=1 (without graphs):
+that is how it is tested against the eager model on machines with no GPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sc2deploy.checkpoint import TensorSource, load_model
+from sc2deploy.config import DTYPE_BYTES, torch_dtype
+from sc2deploy.errors import UserError
+from sc2deploy.runtime.base import Runtime
+
+DTYPES = tuple(DTYPE_BYTES)
+INTERPRETER_SM_COUNT = 4  # decode splits under the Triton interpreter: a few, so that splitting is exercised
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two below max_batch, then max_batch: the batch sizes decode graphs are captured for."""
+    buckets = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return buckets + [max_batch]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device the cuda runtime can run on here, or a UserError naming the fix."""
+    from sc2deploy.plugins.triton_kernel import INTERPRET
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("the cuda backend needs an NVIDIA GPU and a CUDA build of torch, and this machine has "
+                            "none; use --backend eager or ort on CPU")
+        return device
+    if device.type == "cpu" and INTERPRET:
+        return device
+    raise UserError(f"the cuda backend runs on a CUDA device, not {device} (on CPU it runs only under "
+                    "TRITON_INTERPRET=1, for tests); use --device cuda")
+
+
+class CudaRuntime(Runtime):
+    name = "cuda"
+
+    def __init__(self, source: TensorSource | None = None, dtype: str = "bf16", max_batch: int = 1,
+                 capacity: int | None = None, *, device: str | torch.device = "cuda", graphs: bool | None = None,
+                 model: torch.nn.Module | None = None):
+        """`source`'s weights loaded on `device` in `dtype` (or an already loaded reference `model`).
+
+        graphs: capture decode as CUDA graphs (default: on a CUDA device). capacity: cache positions per
+        slot (default, and at most, the window: older positions are never read).
+        """
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; the cuda runtime runs {', '.join(DTYPES)}")
+        self.device = check_device(device)
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise UserError("the cuda backend needs triton: pip install triton") from None
+        if model is None:
+            if source is None:
+                raise UserError("the cuda backend needs --checkpoint DIR or --size SIZE")
+            model = load_model(source, dtype, device=self.device)
+        self.model, self.config, self.dtype, self.max_batch = model, model.config, dtype, max_batch
+        self.capacity = self.config.cache_positions(capacity)
+        c = self.config
+        wdtype = torch_dtype(dtype)
+        if model.model.embed_tokens.weight.dtype != wdtype or model.model.embed_tokens.weight.device != self.device:
+            raise ValueError(f"the model must hold {dtype} weights on {self.device}")
+        self.cos = model.cos_cache.to(self.device, torch.float32).contiguous()
+        self.sin = model.sin_cache.to(self.device, torch.float32).contiguous()
+        shape = (max_batch + 1, c.num_key_value_heads, self.capacity, c.head_dim)  # + the scratch row
+        self.cache = [(torch.zeros(shape, dtype=wdtype, device=self.device),
+                       torch.zeros(shape, dtype=wdtype, device=self.device)) for _ in range(c.num_hidden_layers)]
+        self._scratch = max_batch
+        self._step = torch.zeros((3, max_batch), dtype=torch.int32, device=self.device)  # ids, cache rows, positions
+        self._splits = {b: self._split_count(b) for b in batch_buckets(max_batch)}
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self._init_slots()
+        if self.graphs:
+            self._capture_all()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "device": str(self.device), "cuda_graphs": self.graphs,
+                "graph_buckets": sorted(self._splits), "decode_splits": self._splits}
+
+    # ---------------------------------------------------------------- interface
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        self._check_prefill(slot, token_ids)
+        logits = self._prefill([list(token_ids)], slot, all_logits)
+        self._lengths[slot] = len(token_ids)
+        return logits[0] if all_logits else logits[0, -1]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+        for slot, prompt in enumerate(prompts):
+            self._check_prefill(slot, prompt)
+        logits = self._prefill([list(p) for p in prompts], 0, all_logits=True)
+        for slot, p in enumerate(prompts):
+            self._lengths[slot] = len(p)
+        return [logits[row, :len(p)] for row, p in enumerate(prompts)]
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Tensor:
+        self._check_decode(slots, token_ids)
+        n = len(slots)
+        bucket = next(b for b in sorted(self._splits) if b >= n) if self.graphs else n
+        pad = bucket - n
+        step = torch.tensor([list(token_ids) + [0] * pad, list(slots) + [self._scratch] * pad,
+                             [self._lengths[s] for s in slots] + [0] * pad], dtype=torch.int32)
+        self._step[:, :bucket].copy_(step)
+        if self.graphs:
+            graph, logits = self._graphs[bucket]
+            graph.replay()
+        else:
+            logits = self._decode_step(bucket)
+        for s in slots:
+            self._lengths[s] += 1
+        return logits[:n].clone() if self.graphs else logits
+
+    # ---------------------------------------------------------------- running
+    def _prefill(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
+        """Right-padded prompts into slots first_slot.. (first prompts: the cache rows are written in place)."""
+        from sc2deploy.plugins.triton_kernel import launch
+
+        c, model = self.config, self.model
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts], dtype=torch.int64, device=self.device)
+        seqlens = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.int32, device=self.device)
+        total = torch.tensor(longest, dtype=torch.int32, device=self.device)
+        rows = slice(first_slot, first_slot + len(prompts))
+
+        def attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+            kc, vc = k_cache[rows], v_cache[rows]
+            out, _, _, _ = launch(q, k, v, kc, vc, seqlens, total, self.cos, self.sin, c.num_attention_heads,
+                                  c.num_key_value_heads, c.sliding_window or 0, c.head_dim**-0.5, fused=False,
+                                  present_key=kc, present_value=vc)
+            return out
+
+        x = self._layers(model.model.embed_tokens(ids), attend)
+        if not all_logits:
+            last = (seqlens.to(torch.int64))[:, None, None].expand(-1, 1, x.shape[-1])
+            x = x.gather(1, last)
+        return F.linear(model.model.norm(x), model.head_weight).float()
+
+    def _decode_step(self, batch: int) -> Tensor:
+        """Logits (batch, vocab) of one token per row of the static step buffer (graph-capturable)."""
+        from sc2deploy.plugins.triton_decode import decode_attention
+
+        c, model = self.config, self.model
+        ids, rows, positions = self._step[0, :batch], self._step[1, :batch], self._step[2, :batch]
+        splits = self._splits.get(batch) or self._split_count(batch)
+
+        def attend(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+            return decode_attention(q, k, v, k_cache, v_cache, rows, positions, self.cos, self.sin,
+                                    c.num_attention_heads, c.num_key_value_heads, c.sliding_window or 0,
+                                    c.head_dim**-0.5, num_splits=splits)
+
+        x = self._layers(model.model.embed_tokens(ids), attend)
+        return F.linear(model.model.norm(x), model.head_weight).float()
+
+    def _layers(self, x: Tensor, attend) -> Tensor:
+        for layer, (k_cache, v_cache) in zip(self.model.model.layers, self.cache):
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            x = x + a.o_proj(attend(a.q_proj(h), a.k_proj(h), a.v_proj(h), k_cache, v_cache))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    def _split_count(self, batch: int) -> int:
+        from sc2deploy.plugins.triton_decode import split_count
+
+        c = self.config
+        max_keys = min(c.sliding_window - 1, self.capacity) if c.sliding_window else self.capacity
+        sms = (torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda"
+               else INTERPRETER_SM_COUNT)
+        return split_count(batch, c.num_key_value_heads, max_keys, sms)
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        """One CUDA graph per bucket; the warm-up and capture runs touch only the scratch row."""
+        self._step[0].zero_()
+        self._step[1].fill_(self._scratch)
+        self._step[2].zero_()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for bucket in self._splits:
+                self._decode_step(bucket)  # compiles the Triton kernels outside the capture
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for bucket in sorted(self._splits, reverse=True):  # largest first: later graphs reuse its pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_step(bucket)
+            self._graphs[bucket] = (graph, logits)
+        torch.cuda.synchronize(self.device)
