@@ -22,8 +22,8 @@ to the host and every size is fixed per launch, so a decode step can be captured
 graph; lengths live on the device. Scores, softmax and P @ V run in fp32 (IEEE dots): the
 reference computes them in fp32 too.
 
-Layouts (contiguous): query (B, Nq*H), key/value (B, Nkv*H), caches (R, Nkv, C, H) in the
-query dtype, cos/sin (max_pos, H/2) float32, slots/positions int32 (B,), output (B, Nq*H).
+Layouts: query (B, Nq*H), key/value (B, Nkv*H), rows of any stride (e.g. column slices of
+one fused QKV projection); caches (R, Nkv, C, H) contiguous in the query dtype, cos/sin (max_pos, H/2) float32, slots/positions int32 (B,), output (B, Nq*H).
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors (bf16 rounded by hand, as in
 triton_kernel).
 """
@@ -70,7 +70,7 @@ def _new_key(k_ptr, pos, cos_ptr, sin_ptr, HEAD_DIM: tl.constexpr, INTERPRETER: 
 @triton.jit
 def split_attention_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, positions_ptr, cos_ptr, sin_ptr,
-    capacity,
+    capacity, q_stride, kv_stride,
     part_m_ptr, part_l_ptr, part_acc_ptr,
     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
     SCALE: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -89,7 +89,7 @@ def split_attention_kernel(
     g = tl.arange(0, GROUP_PAD)
     g_ok = g < G
 
-    q_rows = q_ptr + (b64 * NUM_HEADS + kvh * G + g) * HEAD_DIM
+    q_rows = q_ptr + b64 * q_stride + (kvh * G + g) * HEAD_DIM
     q = _load_rotated(q_rows, pos + g * 0, g_ok, cos_ptr, sin_ptr, HEAD_DIM, INTERPRETER).to(tl.float32)
 
     # Key blocks by absolute position; this split's share of [lo // BLOCK_N, cdiv(pos, BLOCK_N)).
@@ -119,7 +119,7 @@ def split_attention_kernel(
         m_i = m_new
 
     if split == NUM_SPLITS - 1:  # the new key, rotated here: always visible to its own query
-        new = (b64 * KV_HEADS + kvh) * HEAD_DIM
+        new = b64 * kv_stride + kvh * HEAD_DIM
         k_new = _new_key(k_ptr + new, pos, cos_ptr, sin_ptr, HEAD_DIM, INTERPRETER).to(tl.float32)
         v_new = tl.load(v_ptr + new + d).to(tl.float32)
         s_new = tl.sum(q * k_new[None, :], axis=1) * QK_SCALE
@@ -139,7 +139,7 @@ def split_attention_kernel(
 @triton.jit
 def combine_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, k_ptr, v_ptr, slots_ptr, positions_ptr, cos_ptr, sin_ptr,
-    capacity,
+    capacity, kv_stride,
     out_ptr, k_cache_ptr, v_cache_ptr,
     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, INTERPRETER: tl.constexpr,
@@ -169,7 +169,7 @@ def combine_kernel(
              mask=(g < G)[:, None])
 
     pos = tl.load(positions_ptr + b)
-    new = (b64 * KV_HEADS + kvh) * HEAD_DIM
+    new = b64 * kv_stride + kvh * HEAD_DIM
     slot = ((tl.load(slots_ptr + b).to(tl.int64) * KV_HEADS + kvh) * capacity + pos % capacity) * HEAD_DIM
     tl.store(k_cache_ptr + slot + d, _new_key(k_ptr + new, pos, cos_ptr, sin_ptr, HEAD_DIM, INTERPRETER))
     tl.store(v_cache_ptr + slot + d, tl.load(v_ptr + new + d))
@@ -190,7 +190,12 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor,
         raise ValueError(f"caches {tuple(k_cache.shape)} are not (R, {kv_num_heads}, C, {head_dim})")
     if key.shape != (batch, kv_num_heads * head_dim) or value.shape != key.shape:
         raise ValueError(f"key/value {tuple(key.shape)} do not match the query {tuple(query.shape)}")
-    for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype != k_cache.dtype or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be {k_cache.dtype} rows with unit stride")
+    if value.stride(0) != key.stride(0):
+        raise ValueError("key and value rows must have the same stride")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != query.dtype or not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous and {query.dtype}")
     for name, t in (("cos_cache", cos_cache), ("sin_cache", sin_cache)):
@@ -198,24 +203,24 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor,
             raise ValueError(f"{name} must be a contiguous float32 (max_pos, {head_dim // 2}) table")
     if slots.dtype != torch.int32 or positions.dtype != torch.int32:
         raise TypeError("slots and positions must be int32")
-    query = query.contiguous()
     group_pad = max(16, triton.next_power_of_2(num_heads // kv_num_heads))
     part_m = torch.empty((batch, kv_heads, num_splits, group_pad), dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((batch, kv_heads, num_splits, group_pad, head_dim), dtype=torch.float32,
                            device=query.device)
-    output = torch.empty_like(query)
+    output = torch.empty((batch, num_heads * head_dim), dtype=query.dtype, device=query.device)
     if batch == 0:
         return output
     heads = dict(NUM_HEADS=num_heads, KV_HEADS=kv_num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
                  GROUP_PAD=group_pad, INTERPRETER=INTERPRET)
     split_attention_kernel[(num_splits, batch * kv_heads)](
         query, key, value, k_cache, v_cache, slots, positions, cos_cache, sin_cache, capacity,
+        query.stride(0), key.stride(0),
         part_m, part_l, part_acc,
         WINDOW=max(int(local_window_size), 0), SCALE=float(scale), BLOCK_N=block_n, num_warps=4, **heads,
     )
     combine_kernel[(batch, kv_heads)](
-        part_m, part_l, part_acc, key, value, slots, positions, cos_cache, sin_cache, capacity,
+        part_m, part_l, part_acc, key, value, slots, positions, cos_cache, sin_cache, capacity, key.stride(0),
         output, k_cache, v_cache, num_warps=4, **heads,
     )
     return output

@@ -1,7 +1,8 @@
 """The cuda runtime: the reference model on a GPU, its attention in Triton, decode as CUDA graphs.
 
 The weights and modules are the reference model's (`load_model` on the device, bf16/fp16, or
-fp32); only attention differs, and it keeps the contract of `sc2deploy.attention`:
+fp32), with q/k/v run as one projection (`fuse_qkv`: the three weights become views of one);
+only attention differs, and it keeps the contract of `sc2deploy.attention`:
   * prefill: `triton_kernel.launch` (RoPE + cache kernel, then windowed flash attention) with
     the slot's cache rows as both past and present: a first prompt reads no past, so writing
     in place is exact;
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from sc2deploy.checkpoint import TensorSource, load_model
 from sc2deploy.config import DTYPE_BYTES, torch_dtype
@@ -58,6 +59,23 @@ def check_device(device: str | torch.device) -> torch.device:
                     "TRITON_INTERPRET=1, for tests); use --device cuda")
 
 
+def fuse_qkv(attention: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) of q, k and v as one projection; the three modules' parameters become views of them."""
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    sizes = [p.out_features for p in projections]
+    fused = []
+    for kind in ("weight", "bias"):
+        parts = [getattr(p, kind) for p in projections]
+        if parts[0] is None:
+            fused.append(None)
+            continue
+        whole = torch.cat([t.detach() for t in parts])
+        for p, view in zip(projections, whole.split(sizes)):
+            setattr(p, kind, nn.Parameter(view, requires_grad=False))
+        fused.append(whole)
+    return fused[0], fused[1]
+
+
 class CudaRuntime(Runtime):
     name = "cuda"
 
@@ -86,6 +104,8 @@ class CudaRuntime(Runtime):
         wdtype = torch_dtype(dtype)
         if model.model.embed_tokens.weight.dtype != wdtype or model.model.embed_tokens.weight.device != self.device:
             raise ValueError(f"the model must hold {dtype} weights on {self.device}")
+        self._qkv = [fuse_qkv(layer.self_attn) for layer in model.model.layers]
+        self._qkv_sizes = [c.q_size, c.kv_size, c.kv_size]
         self.cos = model.cos_cache.to(self.device, torch.float32).contiguous()
         self.sin = model.sin_cache.to(self.device, torch.float32).contiguous()
         shape = (max_batch + 1, c.num_key_value_heads, self.capacity, c.head_dim)  # + the scratch row
@@ -181,10 +201,9 @@ class CudaRuntime(Runtime):
         return F.linear(model.model.norm(x), model.head_weight).float()
 
     def _layers(self, x: Tensor, attend) -> Tensor:
-        for layer, (k_cache, v_cache) in zip(self.model.model.layers, self.cache):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            x = x + a.o_proj(attend(a.q_proj(h), a.k_proj(h), a.v_proj(h), k_cache, v_cache))
+        for layer, (weight, bias), (k_cache, v_cache) in zip(self.model.model.layers, self._qkv, self.cache):
+            q, k, v = F.linear(layer.input_layernorm(x), weight, bias).split(self._qkv_sizes, dim=-1)
+            x = x + layer.self_attn.o_proj(attend(q, k, v, k_cache, v_cache))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
 

@@ -18,7 +18,8 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 ATOL = {F32: 1e-5, F16: 4e-3, BF16: 3e-2}
 
 
-def run_case(nq, nkv, h, window, capacity, positions, dtype, *, rows=None, slots=None, splits=2, block_n=16, seed=0):
+def run_case(nq, nkv, h, window, capacity, positions, dtype, *, rows=None, slots=None, splits=2, block_n=16, seed=0,
+             fused_qkv=False):
     """Decode one token per row with the kernel and, row by row, with the reference; compare output and cache."""
     g = torch.Generator().manual_seed(seed)
     batch = len(positions)
@@ -28,7 +29,10 @@ def run_case(nq, nkv, h, window, capacity, positions, dtype, *, rows=None, slots
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
 
-    query, key, value = randn(batch, nq * h), randn(batch, nkv * h), randn(batch, nkv * h)
+    if fused_qkv:  # column slices of one projection, as the cuda runtime passes them
+        query, key, value = randn(batch, (nq + 2 * nkv) * h).split([nq * h, nkv * h, nkv * h], dim=-1)
+    else:
+        query, key, value = randn(batch, nq * h), randn(batch, nkv * h), randn(batch, nkv * h)
     k_cache, v_cache = randn(rows, nkv, capacity, h), randn(rows, nkv, capacity, h)
     cos, sin = rope_cache(h, 10000.0, max(positions) + 1)
     cos, sin = cos.contiguous().to(DEVICE), sin.contiguous().to(DEVICE)
@@ -85,6 +89,10 @@ def test_any_split_count_gives_the_same_output(splits):
 def test_rows_map_to_any_cache_slots():
     """Batch rows write and read only their own slots, in any order, of a larger cache."""
     run_case(4, 2, 32, 16, 16, [40, 3, 17], BF16, rows=6, slots=[5, 0, 3])
+
+
+def test_query_key_value_may_be_slices_of_one_projection():
+    run_case(6, 2, 32, 20, 20, [44, 5], F16, fused_qkv=True)
 
 
 def test_block_size_64_default():
