@@ -11,7 +11,8 @@
     window mask (full S x S: SDPA has no window skipping);
   * decode cases (one new token per row over a full, wrapped ring of C = W slots): errors
     against the reference, time (fused with a copied cache, fused in place, two-kernel)
-    against SDPA over the W cached keys.
+    against SDPA over the W cached keys; and the cuda runtime's flash-decoding
+    (`triton_decode`), error and time against SDPA, both timed as CUDA graph replays.
 The helpers (`make_inputs`, `window_mask`, `sdpa_windowed`, `chunked_reference`) work on any
 device; with TRITON_INTERPRET=1 and tiny shapes, `kernel_check(device="cpu", ...)` runs on CPU.
 Imports triton (through triton_kernel) only when called.
@@ -154,6 +155,22 @@ def _time_ms(fn: Callable[[], Any], device: torch.device, warmup: int, iters: in
     return (time.perf_counter() - t0) * 1000.0 / iters
 
 
+def _time_graph_ms(fn: Callable[[], Any], device: torch.device, iters: int) -> float:
+    """GPU time per call, the calls replayed from one CUDA graph: no Python or launch overhead in the figure."""
+    if device.type != "cuda":
+        return _time_ms(fn, device, 1, iters)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()  # compiles and warms up outside the capture
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    return _time_ms(graph.replay, device, 1, 3) / iters
+
+
 def _max_err(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
@@ -198,6 +215,7 @@ def _prefill_case(tk: Any, device: torch.device, dtype: torch.dtype, seq_len: in
     case["triton_attention_ms"] = _time_attention_only(tk, inputs, config, device, warmup, iters)
     case["sdpa_ms"] = _time_ms(lambda: sdpa_windowed(q, k_full, v_full, mask, inputs["scale"]), device, warmup, iters)
     case["sdpa_over_triton"] = case["sdpa_ms"] / case["triton_ms"] if case["triton_ms"] > 0 else None
+    case["two_kernel_over_sdpa"] = case["triton_two_kernel_ms"] / case["sdpa_ms"] if case["sdpa_ms"] > 0 else None
     return case
 
 
@@ -253,7 +271,36 @@ def _decode_case(tk: Any, device: torch.device, dtype: torch.dtype, batch: int, 
     case["sdpa_ms"] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=inputs["scale"]), device,
                                warmup, iters)
     case["sdpa_over_triton"] = case["sdpa_ms"] / case["triton_ms"] if case["triton_ms"] > 0 else None
+    case.update(_flash_decode(inputs, ref[:, 0], ref_k, ref_v, device, iters))
+    case["sdpa_graph_ms"] = _time_graph_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=inputs["scale"]),
+                                           device, iters)
+    case["flash_decode_over_sdpa"] = case["flash_decode_ms"] / case["sdpa_graph_ms"] if case["sdpa_graph_ms"] else None
     return case
+
+
+def _flash_decode(inputs: dict[str, Any], ref: Tensor, ref_k: Tensor, ref_v: Tensor, device: torch.device,
+                  iters: int) -> dict[str, Any]:
+    """Error and time (CUDA graph) of the cuda runtime's decode attention (triton_decode) on a decode case."""
+    from sc2deploy.plugins.triton_decode import decode_attention, split_count
+
+    batch, _, _ = inputs["query"].shape
+    kv_heads, window = inputs["kv_num_heads"], inputs["local_window_size"]
+    capacity = inputs["past_key"].shape[2]
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    splits = split_count(batch, kv_heads, min(window - 1, capacity) if window > 0 else capacity, sms)
+    k_cache, v_cache = inputs["past_key"].clone(), inputs["past_value"].clone()
+    rows = torch.arange(batch, dtype=torch.int32, device=device)
+    positions = inputs["seqlens_k"].to(torch.int32)
+
+    def run() -> Tensor:
+        return decode_attention(inputs["query"][:, 0], inputs["key"][:, 0], inputs["value"][:, 0], k_cache, v_cache,
+                                rows, positions, inputs["cos_cache"].contiguous(), inputs["sin_cache"].contiguous(),
+                                inputs["num_heads"], kv_heads, window, inputs["scale"], num_splits=splits)
+
+    out = run()
+    return {"flash_decode_splits": splits, "flash_decode_max_abs_err": _max_err(out, ref),
+            "flash_decode_cache_max_abs_err": max(_max_err(k_cache, ref_k), _max_err(v_cache, ref_v)),
+            "flash_decode_ms": _time_graph_ms(run, device, iters)}
 
 
 def kernel_check(device: str = "cuda", *, num_heads: int = 48, kv_heads: int = 4, head_dim: int = 128,

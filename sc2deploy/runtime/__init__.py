@@ -4,18 +4,24 @@ from __future__ import annotations
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
 
-BACKENDS = ("eager", "ort", "trt")
+BACKENDS = ("eager", "cuda", "ort", "trt")
 
 
 def open_runtime(backend: str, *, source=None, artifact=None, engine=None, dtype: str = "fp32",
                  max_batch: int = 1, capacity: int | None = None, **options) -> Runtime:
-    """The runtime for `backend`: eager runs a TensorSource, ort an export artifact, trt an engine folder."""
+    """The runtime for `backend`: eager and cuda run a TensorSource, ort an export artifact, trt an engine folder."""
     if backend == "eager":
         if source is None:
             raise UserError("the eager backend needs --checkpoint DIR or --size SIZE")
         from sc2deploy.runtime.eager import EagerRuntime
 
         return EagerRuntime(source, dtype=dtype, max_batch=max_batch, capacity=capacity, **options)
+    if backend == "cuda":
+        if source is None:
+            raise UserError("the cuda backend needs --checkpoint DIR or --size SIZE")
+        from sc2deploy.runtime.cuda import CudaRuntime
+
+        return CudaRuntime(source, dtype=dtype, max_batch=max_batch, capacity=capacity, **options)
     if backend == "ort":
         if artifact is None:
             raise UserError("the ort backend needs --artifact DIR (made by `sc2deploy export --target ort`)")

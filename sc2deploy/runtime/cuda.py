@@ -80,16 +80,19 @@ class CudaRuntime(Runtime):
     name = "cuda"
 
     def __init__(self, source: TensorSource | None = None, dtype: str = "bf16", max_batch: int = 1,
-                 capacity: int | None = None, *, device: str | torch.device = "cuda", graphs: bool | None = None,
-                 model: torch.nn.Module | None = None):
+                 capacity: int | None = None, *, device: str | torch.device | None = None, graphs: bool | None = None,
+                 model: torch.nn.Module | None = None, threads: int | None = None):
         """`source`'s weights loaded on `device` in `dtype` (or an already loaded reference `model`).
 
-        graphs: capture decode as CUDA graphs (default: on a CUDA device). capacity: cache positions per
-        slot (default, and at most, the window: older positions are never read).
+        device: default cuda. graphs: capture decode as CUDA graphs (default: on a CUDA device). capacity: cache
+        positions per slot (default, and at most, the window: older positions are never read). threads: torch's
+        CPU threads (sampling and bookkeeping run there).
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; the cuda runtime runs {', '.join(DTYPES)}")
-        self.device = check_device(device)
+        self.device = check_device("cuda" if device is None else device)
+        if threads:
+            torch.set_num_threads(threads)
         try:
             import triton  # noqa: F401
         except ImportError:
