@@ -368,3 +368,6 @@ def test_kernel_check_runs_on_cpu(nq, nkv, h, w, seq_lens, dtypes):
         assert case["triton_ms"] > 0 and case["sdpa_ms"] > 0
         if case["kind"] == "prefill":
             assert case["sdpa_vs_triton_max_abs_err"] <= 2 * tol
+        else:
+            assert case["flash_decode_max_abs_err"] <= tol and case["flash_decode_cache_max_abs_err"] == 0.0
+            assert case["flash_decode_ms"] > 0 and case["flash_decode_splits"] >= 1
