@@ -1,7 +1,7 @@
 """Load benchmark of `sc2deploy serve`: 1, 4, 16 and 64 concurrent streaming clients.
 
 Starts the server as a subprocess (bench preset, best CPU runtime: ONNX Runtime when an export
-exists or can be made, else eager), then for each concurrency level runs that many clients for
+exists or can be made, else eager; or --backend cuda on a GPU host), then for each concurrency level runs that many clients for
 a fixed time, each sending streaming completions back to back (all clients start together).
 Reports generated tokens/s over the measured window (after --warmup), time to first token
 p50/p99 (request sent -> first token received, queueing and prefill included; every request of
@@ -11,6 +11,7 @@ that continuous batching is meant to raise.
 
     python bench/serve_load.py                       # auto backend, 20 s per level
     python bench/serve_load.py --backend eager --duration 30 --json results.json
+    python bench/serve_load.py --backend cuda --size 3b --levels 1,16 --duration 10   # a GPU host
 Not a test: numbers depend on the machine and on whatever else runs on it.
 """
 from __future__ import annotations
@@ -55,6 +56,8 @@ def start_server(args) -> tuple[subprocess.Popen, int]:
                "--max-batch", str(args.max_batch), "--max-queue", str(args.max_batch), "--context", str(args.context),
                "--log-level", "warning", "--backend", args.backend, "--prefill-tokens", str(args.prefill_tokens)]
     command += ["--artifact", str(args.artifact)] if args.backend == "ort" else ["--size", args.size]
+    if args.backend == "cuda":
+        command += ["--dtype", args.dtype]
     if args.threads:
         command += ["--threads", str(args.threads)]
     process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -138,8 +141,10 @@ def ensure_artifact(args) -> bool:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="auto", choices=("auto", "ort", "eager"),
-                   help="runtime of the server (auto: ort if the export exists or can be made, else eager)")
+    p.add_argument("--backend", default="auto", choices=("auto", "ort", "eager", "cuda"),
+                   help="runtime of the server (auto: ort if the export exists or can be made, else eager; "
+                        "cuda: the GPU runtime)")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dtype of the cuda backend")
     p.add_argument("--size", default="bench", help="model preset (default bench, ~111M parameters)")
     p.add_argument("--artifact", type=Path, help="ort export to serve (default: a cached export under /tmp)")
     p.add_argument("--levels", default="1,4,16,64", help="concurrent clients per level (default 1,4,16,64)")
