@@ -19,8 +19,10 @@ for a cache that is written in place and shared by many rows (the `cuda` runtime
 Rows: `slots[b]` is the cache row (of R >= B rows) of batch row b and `positions[b]` the
 position of its new token (= seqlens_k[b] = its length before the step). Nothing is read back
 to the host and every size is fixed per launch, so a decode step can be captured in a CUDA
-graph; lengths live on the device. Scores, softmax and P @ V run in fp32 (IEEE dots): the
-reference computes them in fp32 too.
+graph; lengths live on the device. The online-softmax step is the prefill kernel's (`_attend`):
+QK^T of the 16-bit rotated query and keys accumulated in fp32 (exact products, as the reference's
+fp32 scores), softmax statistics in fp32, P rounded to the value dtype for the P @ V tensor-core
+dot (as flash attention does); fp32 inputs use IEEE fp32 dots.
 
 Layouts: query (B, Nq*H), key/value (B, Nkv*H), rows of any stride (e.g. column slices of
 one fused QKV projection); caches (R, Nkv, C, H) contiguous in the query dtype, cos/sin (max_pos, H/2) float32, slots/positions int32 (B,), output (B, Nq*H).
@@ -34,11 +36,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sc2deploy.plugins.triton_kernel import INTERPRET, _cast, _load_rotated
+from sc2deploy.plugins.triton_kernel import INTERPRET, _attend, _cast, _load_rotated
 
-__all__ = ["BLOCK_N", "decode_attention", "split_count"]
+__all__ = ["BLOCK_N", "SPLIT_WARPS", "decode_attention", "split_count"]
 
 BLOCK_N = 64  # keys per block
+SPLIT_WARPS = 8  # with BLOCK_N 64 at 15b shapes: 183 registers, no spills (ptxas, sm_90); 4 warps spill
 PROGRAMS_PER_SM = 2  # split so that B * Nkv * splits reaches this many programs per SM
 
 
@@ -74,7 +77,7 @@ def split_attention_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr,
     NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
     SCALE: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    INTERPRETER: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """grid (NUM_SPLITS, B * Nkv): partial softmax of the G query heads of one kv head over one run of blocks."""
     G: tl.constexpr = NUM_HEADS // KV_HEADS
@@ -90,7 +93,10 @@ def split_attention_kernel(
     g_ok = g < G
 
     q_rows = q_ptr + b64 * q_stride + (kvh * G + g) * HEAD_DIM
-    q = _load_rotated(q_rows, pos + g * 0, g_ok, cos_ptr, sin_ptr, HEAD_DIM, INTERPRETER).to(tl.float32)
+    q = _load_rotated(q_rows, pos + g * 0, g_ok, cos_ptr, sin_ptr, HEAD_DIM, INTERPRETER)
+    if INTERPRETER:
+        q = q.to(tl.float32)
+    q_pos = pos + g * 0
 
     # Key blocks by absolute position; this split's share of [lo // BLOCK_N, cdiv(pos, BLOCK_N)).
     first = lo // BLOCK_N
@@ -106,23 +112,16 @@ def split_attention_kernel(
         kpos = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = (kpos >= lo) & (kpos < pos)
         ptrs = cache + (kpos % capacity).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
-        k = tl.load(k_cache_ptr + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * QK_SCALE
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        m_i = m_new
+        k = tl.load(k_cache_ptr + ptrs, mask=ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + ptrs, mask=ok[:, None], other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, q_pos, kpos, ok, g_ok, m_i, l_i, acc, QK_SCALE, WINDOW, INTERPRETER,
+                                DOT_PRECISION)
 
     if split == NUM_SPLITS - 1:  # the new key, rotated here: always visible to its own query
         new = b64 * kv_stride + kvh * HEAD_DIM
         k_new = _new_key(k_ptr + new, pos, cos_ptr, sin_ptr, HEAD_DIM, INTERPRETER).to(tl.float32)
         v_new = tl.load(v_ptr + new + d).to(tl.float32)
-        s_new = tl.sum(q * k_new[None, :], axis=1) * QK_SCALE
+        s_new = tl.sum(q.to(tl.float32) * k_new[None, :], axis=1) * QK_SCALE
         m_new = tl.maximum(m_i, s_new)
         alpha = tl.exp2(m_i - m_new)
         p_new = tl.exp2(s_new - m_new)
@@ -217,7 +216,9 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, k_cache: Tensor,
         query, key, value, k_cache, v_cache, slots, positions, cos_cache, sin_cache, capacity,
         query.stride(0), key.stride(0),
         part_m, part_l, part_acc,
-        WINDOW=max(int(local_window_size), 0), SCALE=float(scale), BLOCK_N=block_n, num_warps=4, **heads,
+        WINDOW=max(int(local_window_size), 0), SCALE=float(scale), BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=SPLIT_WARPS, num_stages=2,
+        **heads,
     )
     combine_kernel[(batch, kv_heads)](
         part_m, part_l, part_acc, key, value, slots, positions, cos_cache, sin_cache, capacity, key.stride(0),

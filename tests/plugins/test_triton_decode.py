@@ -1,6 +1,13 @@
 """Flash-decoding (plugins/triton_decode) against the contract's reference, one row at a time."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -104,3 +111,49 @@ def test_split_count_fills_the_gpu_but_not_past_the_blocks():
     assert td.split_count(8, 4, 4095, sm_count=132) == 9
     assert td.split_count(64, 4, 4095, sm_count=132) == 2
     assert td.split_count(1, 1, 10, sm_count=132) == 1
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """At StarCoder2-15b shapes (Nq 48, Nkv 4, H 128, W 4096), bf16 and fp16: PTX and cubin for Hopper, no GPU."""
+    script = textwrap.dedent("""
+        import json, os, subprocess, tempfile, torch, triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from sc2deploy.plugins import triton_decode as td
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        report = []
+        for dtype in ("bf16", "fp16"):
+            p = "*" + dtype
+            heads = dict(NUM_HEADS=48, KV_HEADS=4, HEAD_DIM=128, NUM_SPLITS=64, GROUP_PAD=16, INTERPRETER=False)
+            split = dict(q_ptr=p, k_ptr=p, v_ptr=p, k_cache_ptr=p, v_cache_ptr=p, slots_ptr="*i32",
+                         positions_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32", capacity="i32", q_stride="i32",
+                         kv_stride="i32", part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32")
+            combine = dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", k_ptr=p, v_ptr=p,
+                           slots_ptr="*i32", positions_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
+                           capacity="i32", kv_stride="i32", out_ptr=p, k_cache_ptr=p, v_cache_ptr=p)
+            jobs = [(td.split_attention_kernel, split, dict(heads, WINDOW=4096, SCALE=128 ** -0.5,
+                                                             BLOCK_N=td.BLOCK_N, DOT_PRECISION="tf32"),
+                     td.SPLIT_WARPS),
+                    (td.combine_kernel, combine, heads, 4)]
+            for fn, signature, constexprs, warps in jobs:
+                signature = dict(signature, **{k: "constexpr" for k in constexprs})
+                ck = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(ck.asm["cubin"]); f.flush()
+                    usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                           text=True).stdout
+                report.append(dict(kernel=fn.__name__, dtype=dtype, usage=usage))
+        print(json.dumps(report))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2], timeout=400)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("no ptxas for the CUDA backend")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert len(report) == 4
+    for entry in report:
+        assert "STACK:0 " in entry["usage"] and "LOCAL:0 " in entry["usage"], entry
