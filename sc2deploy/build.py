@@ -221,52 +221,57 @@ def open_artifact(folder: str | Path) -> Artifact:
 
 
 # ---------------------------------------------------------------- the graph TensorRT parses
-PLUGIN_OP = "SlidingWindowGQA"
-PLUGIN_ATTRIBUTES = ("num_heads", "kv_num_heads", "local_window_size", "scale")
-
-
 def prepare_graph(model: Any, config: Config, plugin: str) -> int:
     """Check the plugin nodes of a trt-target ModelProto and mark them for `plugin` (aot/jit); returns their count.
 
+    Each layer has one node per plugin of `trt_rules.SPECS` (RopeCache, then SlidingWindowGQA).
     The ONNX parser maps a node to a plugin by op_type and the node's plugin_namespace attribute,
-    passes the attributes the plugin registered (num_heads, kv_num_heads, local_window_size,
-    scale: all four must be on the node) and reads "aot" to pick aot_impl (1) or impl (0).
-    Other attributes (head_size, rope_theta, ...) are documentation the parser ignores.
+    passes the attributes the plugin registered (all must be on the node) and reads "aot" to
+    pick aot_impl (1) or impl (0). Other attributes (head_size, rope_theta, ...) are
+    documentation the parser ignores.
     """
     from onnx import helper
 
-    from sc2deploy.plugins.trt_rules import NAMESPACE, PLUGIN_VERSION, PluginRuleError, check_attributes
+    from sc2deploy.plugins.trt_rules import NAMESPACE, PLUGIN_VERSION, SPECS, PluginRuleError, check_attributes
 
-    nodes = [n for n in model.graph.node if n.op_type == PLUGIN_OP]
-    if len(nodes) != config.num_hidden_layers:
-        raise UserError(f"the graph has {len(nodes)} {PLUGIN_OP} nodes for {config.num_hidden_layers} layers; "
-                        "it is not an `sc2deploy export --target trt` graph of this model: re-export it")
-    for node in nodes:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        missing = [a for a in PLUGIN_ATTRIBUTES if a not in attrs]
-        if missing:
-            raise UserError(f"{PLUGIN_OP} node {node.name!r} lacks attribute(s) {missing}; re-export the artifact")
-        namespace = attrs.get("plugin_namespace", b"")
-        namespace = namespace.decode() if isinstance(namespace, bytes) else str(namespace)
-        version = attrs.get("plugin_version", b"1")
-        version = version.decode() if isinstance(version, bytes) else str(version)
-        if namespace != NAMESPACE or version != PLUGIN_VERSION:
-            raise UserError(f"{PLUGIN_OP} node {node.name!r} asks for plugin {namespace}::{PLUGIN_OP} version "
-                            f"{version}; this sc2deploy provides {NAMESPACE}::{PLUGIN_OP} version {PLUGIN_VERSION}")
-        expected = {"num_heads": config.num_attention_heads, "kv_num_heads": config.num_key_value_heads,
-                    "local_window_size": config.sliding_window or 0}
-        wrong = {k: attrs[k] for k, v in expected.items() if attrs[k] != v}
-        if wrong:
-            raise UserError(f"{PLUGIN_OP} node {node.name!r} has {wrong}, but the model config says "
-                            f"{ {k: expected[k] for k in wrong} }; re-export the artifact")
-        try:
-            check_attributes(attrs, config.head_dim)
-        except PluginRuleError as e:
-            raise UserError(f"{PLUGIN_OP} node {node.name!r}: {e}") from None
-        for attr in [a for a in node.attribute if a.name == "aot"]:
-            node.attribute.remove(attr)
-        node.attribute.append(helper.make_attribute("aot", int(plugin == "aot")))
-    return len(nodes)
+    expected = {"num_heads": config.num_attention_heads, "kv_num_heads": config.num_key_value_heads,
+                "local_window_size": config.sliding_window or 0}
+    reexport = "re-export the artifact with this sc2deploy"
+    count = 0
+    for spec in SPECS.values():
+        nodes = [n for n in model.graph.node if n.op_type == spec.name]
+        if len(nodes) != config.num_hidden_layers:
+            raise UserError(f"the graph has {len(nodes)} {spec.name} nodes for {config.num_hidden_layers} layers; "
+                            f"it is not an `sc2deploy export --target trt` graph of this model: {reexport}")
+        for node in nodes:
+            where = f"{spec.name} node {node.name!r}"
+            if (len(node.input), len(node.output)) != (len(spec.inputs), len(spec.outputs)):
+                raise UserError(f"{where} has {len(node.input)} inputs and {len(node.output)} outputs; the plugin "
+                                f"takes {len(spec.inputs)} and gives {len(spec.outputs)}: {reexport}")
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            missing = [a for a in spec.attribute_names if a not in attrs]
+            if missing:
+                raise UserError(f"{where} lacks attribute(s) {missing}; {reexport}")
+            namespace = attrs.get("plugin_namespace", b"")
+            namespace = namespace.decode() if isinstance(namespace, bytes) else str(namespace)
+            version = attrs.get("plugin_version", b"1")
+            version = version.decode() if isinstance(version, bytes) else str(version)
+            if namespace != NAMESPACE or version != PLUGIN_VERSION:
+                raise UserError(f"{where} asks for plugin {namespace}::{spec.name} version {version}; this sc2deploy "
+                                f"provides {spec.plugin_id} version {PLUGIN_VERSION}")
+            wrong = {k: attrs[k] for k, v in expected.items() if k in spec.attribute_names and attrs[k] != v}
+            if wrong:
+                raise UserError(f"{where} has {wrong}, but the model config says "
+                                f"{ {k: expected[k] for k in wrong} }; {reexport}")
+            try:
+                check_attributes(attrs, config.head_dim)
+            except PluginRuleError as e:
+                raise UserError(f"{where}: {e}") from None
+            for attr in [a for a in node.attribute if a.name == "aot"]:
+                node.attribute.remove(attr)
+            node.attribute.append(helper.make_attribute("aot", int(plugin == "aot")))
+        count += len(nodes)
+    return count
 
 
 def prepare_model_bytes(model_path: Path, config: Config, plugin: str) -> tuple[bytes, int]:
@@ -281,7 +286,9 @@ def prepare_model_bytes(model_path: Path, config: Config, plugin: str) -> tuple[
 # ---------------------------------------------------------------- engine manifest
 def engine_manifest(*, artifact: Artifact, settings: BuildSettings, tensorrt_version: str, gpu: dict[str, str],
                     plugin_hash: str, build_seconds: float, engine_bytes: int, engine_sha256: str) -> dict:
+    """The engine folder's manifest; "plugin" names the plugins the engine holds and their sources' hash."""
     from sc2deploy import __version__
+    from sc2deploy.plugins.trt_rules import NAMESPACE, PLUGIN_VERSION, SPECS
 
     inputs, outputs = expected_io(artifact.config)
     return {
@@ -290,7 +297,8 @@ def engine_manifest(*, artifact: Artifact, settings: BuildSettings, tensorrt_ver
         "engine": {"file": ENGINE_FILE, "bytes": engine_bytes, "sha256": engine_sha256},
         "tensorrt_version": tensorrt_version,
         "gpu": {"name": gpu["name"], "compute_capability": gpu["compute_capability"]},
-        "plugin": {"namespace": "sc2deploy", "version": "1", "mode": settings.plugin, "hash": plugin_hash},
+        "plugin": {"namespace": NAMESPACE, "version": PLUGIN_VERSION, "names": list(SPECS), "mode": settings.plugin,
+                   "hash": plugin_hash},
         "build": {**settings.flags(), "capacity": settings.capacity(artifact.config), "strongly_typed": True,
                   "seconds": round(build_seconds, 1)},
         "profiles": [p.to_json() for p in profiles(artifact.config, settings)],
@@ -350,7 +358,7 @@ def check_engine_manifest(manifest: dict, *, tensorrt_version: str, gpu_name: st
     plugin = manifest["plugin"]
     if plugin_hash is not None and plugin.get("hash") != plugin_hash:
         if plugin.get("mode") == "jit":
-            raise UserError("this engine runs the sliding-window plugin from Python (--plugin jit) and the plugin code "
+            raise UserError("this engine runs its attention plugins from Python (--plugin jit) and the plugin code "
                             f"changed since it was built (hash {str(plugin.get('hash'))[:12]}, now {plugin_hash[:12]}): "
                             f"{rebuild}")
         warnings.append("the plugin source changed since this engine was built; its kernels are embedded (aot), so "
@@ -422,7 +430,7 @@ def build_engine(artifact_dir: str | Path, out: str | Path, settings: BuildSetti
     trt_plugin.register_plugins()
     start = time.time()
     model_bytes, n_nodes = prepare_model_bytes(artifact.model_path, artifact.config, settings.plugin)
-    say(f"parsing {artifact.model_path} ({n_nodes} SlidingWindowGQA nodes, {settings.plugin} plugin)")
+    say(f"parsing {artifact.model_path} ({n_nodes} plugin nodes, {settings.plugin} plugins)")
 
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -75,17 +75,27 @@ def test_profiles_cover_every_input_and_order_min_opt_max(size):
 
 
 # ---------------------------------------------------------------- the graph the parser gets
-def fake_graph(layers=2, **overrides):
+def fake_graph(layers=2, op=None, **overrides):
+    """`layers` RopeCache -> SlidingWindowGQA pairs, wired as the export wires them; `overrides` change the
+    attributes of the nodes of `op` (None: of both)."""
     from onnx import TensorProto, helper
 
+    from sc2deploy.plugins.trt_rules import ATTENTION, ROPE
+
+    base = {ROPE.name: dict(num_heads=4, kv_num_heads=2, head_size=16, rope_theta=10000.0),
+            ATTENTION.name: dict(num_heads=4, kv_num_heads=2, head_size=16, local_window_size=32, scale=0.25)}
     nodes = []
     for i in range(layers):
-        attrs = dict(num_heads=4, kv_num_heads=2, head_size=16, local_window_size=32, scale=0.25,
-                     plugin_namespace="sc2deploy", plugin_version="1")
-        attrs.update(overrides)
-        attrs = {k: v for k, v in attrs.items() if v is not None}
-        nodes.append(helper.make_node("SlidingWindowGQA", [f"q{i}"], [f"o{i}"], name=f"attn{i}",
-                                      domain="trt.plugins", **attrs))
+        for spec in (ROPE, ATTENTION):
+            attrs = dict(base[spec.name], plugin_namespace="sc2deploy", plugin_version="1")
+            if op in (None, spec.name):
+                attrs.update(overrides)
+            attrs = {k: v for k, v in attrs.items() if v is not None}
+            inputs = [f"{spec.name}{i}.{n}" for n in spec.inputs]
+            if spec is ATTENTION:
+                inputs[:2] = [f"{ROPE.name}{i}.q_rot", f"{ROPE.name}{i}.k_rot"]
+            nodes.append(helper.make_node(spec.name, inputs, [f"{spec.name}{i}.{n}" for n in spec.outputs],
+                                          name=f"layer{i}/{spec.name}", domain="trt.plugins", **attrs))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("q0", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info(f"o{layers - 1}", TensorProto.FLOAT, [1])])
     return helper.make_model(graph)
@@ -96,23 +106,40 @@ def test_prepare_graph_marks_plugin_nodes(plugin, aot):
     from onnx import helper
 
     model = fake_graph()
-    assert prepare_graph(model, preset("tiny"), plugin) == 2
-    assert prepare_graph(model, preset("tiny"), plugin) == 2  # idempotent: one "aot" attribute
+    assert prepare_graph(model, preset("tiny"), plugin) == 4  # two layers, two plugins each
+    assert prepare_graph(model, preset("tiny"), plugin) == 4  # idempotent: one "aot" attribute
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["aot"] == aot and [a.name for a in node.attribute].count("aot") == 1
 
 
-@pytest.mark.parametrize("overrides, layers, message", [
-    ({}, 3, "3 SlidingWindowGQA nodes for 2 layers"),
-    ({"scale": None}, 2, "lacks attribute(s) ['scale']"),
-    ({"plugin_namespace": "other"}, 2, "other::SlidingWindowGQA"),
-    ({"num_heads": 8}, 2, "'num_heads': 8"),
-    ({"local_window_size": 16}, 2, "local_window_size"),
+@pytest.mark.parametrize("graph, message", [
+    (dict(layers=3), "3 RopeCache nodes for 2 layers"),
+    (dict(op="SlidingWindowGQA", scale=None), "'layer0/SlidingWindowGQA' lacks attribute(s) ['scale']"),
+    (dict(op="RopeCache", kv_num_heads=None), "'layer0/RopeCache' lacks attribute(s) ['kv_num_heads']"),
+    (dict(plugin_namespace="other"), "other::RopeCache"),
+    (dict(op="SlidingWindowGQA", num_heads=8), "'num_heads': 8"),
+    (dict(op="RopeCache", num_heads=8), "'num_heads': 8"),
+    (dict(local_window_size=16), "local_window_size"),
 ])
-def test_prepare_graph_refuses_foreign_nodes(overrides, layers, message):
+def test_prepare_graph_refuses_foreign_nodes(graph, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        prepare_graph(fake_graph(layers, **overrides), preset("tiny"), "aot")
+        prepare_graph(fake_graph(**graph), preset("tiny"), "aot")
+
+
+def test_prepare_graph_refuses_the_one_node_graph_of_older_exports():
+    """Before RopeCache, one SlidingWindowGQA node took the contract's nine inputs and gave three outputs."""
+    model = fake_graph()
+    for node in [n for n in model.graph.node if n.op_type == "RopeCache"]:
+        model.graph.node.remove(node)
+    with pytest.raises(UserError, match="0 RopeCache nodes for 2 layers.*re-export"):
+        prepare_graph(model, preset("tiny"), "aot")
+    model = fake_graph()
+    old = next(n for n in model.graph.node if n.op_type == "SlidingWindowGQA")
+    old.input.extend(["cos_cache", "sin_cache"])
+    old.output.extend(["present_key", "present_value"])
+    with pytest.raises(UserError, match="has 9 inputs and 3 outputs; the plugin takes 7 and gives 1.*re-export"):
+        prepare_graph(model, preset("tiny"), "aot")
 
 
 @pytest.fixture(scope="module")
@@ -130,18 +157,20 @@ def test_real_artifact_is_what_build_expects(trt_artifact):
     artifact = open_artifact(trt_artifact)
     assert (artifact.dtype, artifact.config) == ("fp16", preset("tiny"))
     data, count = prepare_model_bytes(artifact.model_path, artifact.config, "aot")
-    assert count == preset("tiny").num_hidden_layers
+    assert count == 2 * preset("tiny").num_hidden_layers
     model = onnx.load_from_string(data)
     inputs, outputs = expected_io(artifact.config)
     assert [v.name for v in model.graph.input] == inputs and [v.name for v in model.graph.output] == outputs
-    nodes = [n for n in model.graph.node if n.op_type == "SlidingWindowGQA"]
-    # The parser passes the attributes the plugin registered, by name: they must be on the node.
-    from sc2deploy.plugins.trt_rules import GQA
+    # The parser passes the attributes each plugin registered, by name: they must be on its nodes.
+    from sc2deploy.plugins.trt_rules import SPECS
 
-    for node in nodes:
-        names = {a.name for a in node.attribute}
-        assert set(GQA.attribute_names) | {"plugin_namespace", "plugin_version", "aot"} <= names
-        assert len(node.input) == len(GQA.inputs) and len(node.output) == len(GQA.outputs)
+    for spec in SPECS.values():
+        nodes = [n for n in model.graph.node if n.op_type == spec.name]
+        assert len(nodes) == preset("tiny").num_hidden_layers
+        for node in nodes:
+            names = {a.name for a in node.attribute}
+            assert set(spec.attribute_names) | {"plugin_namespace", "plugin_version", "aot"} <= names
+            assert len(node.input) == len(spec.inputs) and len(node.output) == len(spec.outputs)
     # Weights stay in the artifact's external-data file (the parser is given the model's path).
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and all(e.value == "model.onnx.data" for t in external for e in t.external_data
@@ -180,7 +209,8 @@ def test_manifest_records_what_the_engine_depends_on(tmp_path):
     m = manifest_for(tmp_path, max_batch=2, plugin="jit")
     assert m["tensorrt_version"] == "10.13.0.35"
     assert m["gpu"] == {"name": "NVIDIA H200", "compute_capability": "9.0"}
-    assert m["plugin"] == {"namespace": "sc2deploy", "version": "1", "mode": "jit", "hash": "f" * 64}
+    assert m["plugin"] == {"namespace": "sc2deploy", "version": "1", "names": ["RopeCache", "SlidingWindowGQA"],
+                           "mode": "jit", "hash": "f" * 64}
     assert m["build"]["max_batch"] == 2 and m["build"]["capacity"] == 32 and m["build"]["strongly_typed"]
     assert [p["name"] for p in m["profiles"]] == [PREFILL, DECODE]
     assert m["source"] == {"kind": "random", "seed": 3} and m["config"]["num_hidden_layers"] == 2  # for `parity`

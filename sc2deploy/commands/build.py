@@ -12,14 +12,15 @@ def register(subparsers) -> None:
                         for name, lim in PRESET_LIMITS.items())
     p = subparsers.add_parser(
         "build", help="build a TensorRT engine from an `export --target trt` artifact (needs TensorRT and a GPU)",
-        description="Parse the artifact's ONNX graph (its SlidingWindowGQA nodes become the sc2deploy TensorRT "
-                    "plugin: a Triton flash-attention kernel over the sliding window), build one engine with two "
+        description="Parse the artifact's ONNX graph (its RopeCache and SlidingWindowGQA nodes become the sc2deploy "
+                    "TensorRT plugins: Triton kernels for RoPE with the ring-cache write, and flash attention over "
+                    "the sliding window), build one engine with two "
                     "optimization profiles - prefill (batch <= --max-batch, prompt <= --max-input-len tokens) and "
                     "decode (one token per row) - and write ENGINE_DIR: model.plan, sc2deploy.json (TensorRT "
                     "version, GPU and compute capability, plugin hash, build flags, profiles), config.json and "
                     "tokenizer.json. The engine runs only with the TensorRT version and GPU architecture that "
-                    "built it. With --plugin aot (default) the kernel is compiled into the engine, which then runs "
-                    "without Python (trtexec, C++); --plugin jit calls the kernel from Python at run time. "
+                    "built it. With --plugin aot (default) the kernels are compiled into the engine, which then runs "
+                    "without Python (trtexec, C++); --plugin jit calls the kernels from Python at run time. "
                     "Needs TensorRT >= 10.9, triton and a CUDA GPU: use the GPU image (docker/Dockerfile.gpu).",
         epilog=f"defaults by model size - {presets}. The KV cache keeps min(--max-seq-len, window) positions per "
                "sequence. example: sc2deploy export --size 15b --target trt --dtype bf16 --out out/15b-trt && "
@@ -36,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-seq-len", type=positive_int, metavar="N",
                    help="longest sequence, prompt and completion (default by size, at most the model's context)")
     p.add_argument("--plugin", default="aot", choices=PLUGIN_MODES,
-                   help="aot: kernel compiled into the engine (default); jit: Python plugin at run time")
+                   help="aot: kernels compiled into the engine (default); jit: Python plugins at run time")
     p.add_argument("--optimization-level", type=int, default=3, metavar="N",
                    help="TensorRT builder optimization level 0-5 (default 3)")
     p.add_argument("--workspace-mib", type=positive_int, metavar="MIB", help="TensorRT workspace limit (default: none)")

@@ -18,7 +18,7 @@ Targets:
   ort  attention becomes com.microsoft::GroupQueryAttention with local_window_size (and a
        window-sized KV cache); runs in ONNX Runtime on CPU (fp32, fp16) and CUDA, in
        onnxruntime-genai, and in `sc2deploy generate --backend ort`.
-  trt  attention becomes the TensorRT plugin node trt.plugins::SlidingWindowGQA
+  trt  attention becomes the TensorRT plugin nodes trt.plugins::RopeCache -> SlidingWindowGQA
        (plugin_namespace "sc2deploy", plugin_version "1"); for `sc2deploy build`. fp32, fp16, bf16.
 
 The folder holds model.onnx, model.onnx.data, tokenizer.json, genai_config.json and

@@ -81,7 +81,7 @@ def _tokenizer_json(source: TensorSource) -> Path:
 
 def _attention_description(config, target: str) -> str:
     if target == "trt":
-        return "trt.plugins::SlidingWindowGQA (plugin_namespace sc2deploy, plugin_version 1)"
+        return "trt.plugins::RopeCache -> trt.plugins::SlidingWindowGQA (plugin_namespace sc2deploy, plugin_version 1)"
     if config.sliding_window:
         return "com.microsoft::GroupQueryAttention (sliding_window_cache=1, query_seqlens)"
     return "com.microsoft::GroupQueryAttention"

@@ -11,8 +11,12 @@ ort: `com.microsoft::GroupQueryAttention`, do_rotary=1, rotary_interleaved=0. Wi
   needs in that mode: seqlens_k + 1 for a first prompt (sequence == total_sequence_length),
   else the sequence length. cos/sin are cast to the activation dtype (the export folds the
   cast into the stored tables).
-trt: `trt.plugins::SlidingWindowGQA`, the contract's nine inputs unchanged (cos/sin float32)
-  plus plugin_namespace/plugin_version and the sizes the plugin needs.
+trt: two TensorRT plugin nodes (`sc2deploy.plugins.trt_rules`), each with plugin_namespace /
+  plugin_version and the sizes its plugin needs: `trt.plugins::RopeCache` takes the contract's
+  nine inputs unchanged (cos/sin float32) and gives q_rot, k_rot, present_key, present_value;
+  `trt.plugins::SlidingWindowGQA` takes q_rot, k_rot, value, past_key, past_value, seqlens_k,
+  total_sequence_length and gives the output. Two nodes because a TensorRT AOT plugin embeds
+  one kernel, and the prefill is fastest as two (see plugins/triton_kernel.py).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from collections.abc import Callable
 
 from sc2deploy.config import Config
 from sc2deploy.export import schemas
+from sc2deploy.plugins.trt_rules import ATTENTION, NAMESPACE, PLUGIN_VERSION, ROPE
 
 ONNX_DTYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # onnx.TensorProto.FLOAT / FLOAT16 / BFLOAT16
 
@@ -66,15 +71,20 @@ def _trt_node(config: Config, dtype: str) -> Callable:
     from onnxscript.values import Opset
 
     plugins = Opset(schemas.PLUGIN_DOMAIN, 1)
+    rope_cache = getattr(plugins, ROPE.name)
+    attention = getattr(plugins, ATTENTION.name)
+    plugin = dict(plugin_namespace=NAMESPACE, plugin_version=PLUGIN_VERSION, head_size=config.head_dim)
 
-    def sliding_window_gqa_plugin(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-                                  cos_cache, sin_cache, num_heads: int, kv_num_heads: int, local_window_size: int,
-                                  scale: float):
-        return plugins.SlidingWindowGQA(
+    def sliding_window_gqa_plugins(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                                   cos_cache, sin_cache, num_heads: int, kv_num_heads: int, local_window_size: int,
+                                   scale: float):
+        q_rot, k_rot, present_key, present_value = rope_cache(
             query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache, sin_cache,
-            num_heads=num_heads, kv_num_heads=kv_num_heads, head_size=config.head_dim,
-            local_window_size=local_window_size, scale=scale, rope_theta=float(config.rope_theta),
-            max_position_embeddings=config.max_position_embeddings,
-            plugin_namespace=schemas.PLUGIN_NAMESPACE, plugin_version=schemas.PLUGIN_VERSION, _outputs=3)
+            num_heads=num_heads, kv_num_heads=kv_num_heads, rope_theta=float(config.rope_theta),
+            max_position_embeddings=config.max_position_embeddings, **plugin, _outputs=len(ROPE.outputs))
+        output = attention(q_rot, k_rot, value, past_key, past_value, seqlens_k, total_sequence_length,
+                           num_heads=num_heads, kv_num_heads=kv_num_heads, local_window_size=local_window_size,
+                           scale=scale, **plugin, _outputs=len(ATTENTION.outputs))
+        return output, present_key, present_value
 
-    return sliding_window_gqa_plugin
+    return sliding_window_gqa_plugins

@@ -1,4 +1,4 @@
-"""ONNX schemas of the two attention nodes an export writes, registered with onnx on first use.
+"""ONNX schemas of the attention nodes an export writes, registered with onnx on first use.
 
 The dynamo exporter (through onnxscript) refuses to emit a node whose schema onnx does not
 know, and onnx's checker validates nodes of registered domains against these schemas, so
@@ -6,19 +6,24 @@ they list exactly the inputs, outputs and attributes the export uses:
 
 * `com.microsoft::GroupQueryAttention`, the subset of ONNX Runtime's contrib op we emit
   (inputs in ONNX Runtime's order, with the optional ones up to `query_seqlens`);
-* `trt.plugins::SlidingWindowGQA`, the TensorRT plugin node: the contract's nine inputs
-  (attention.py) and the attributes the plugin needs.
+* `trt.plugins::RopeCache` and `trt.plugins::SlidingWindowGQA`, the TensorRT plugin nodes:
+  the inputs and outputs of `sc2deploy.plugins.trt_rules.ROPE` / `ATTENTION`, and the
+  attributes the plugins need plus a few that document the model (head_size, rope_theta, ...).
 """
 from __future__ import annotations
 
+from sc2deploy.plugins.trt_rules import ATTENTION, FP32, INPUT_KINDS, INT32, ROPE
+
 GQA_DOMAIN, GQA_OP = "com.microsoft", "GroupQueryAttention"
-PLUGIN_DOMAIN, PLUGIN_OP = "trt.plugins", "SlidingWindowGQA"
-PLUGIN_NAMESPACE, PLUGIN_VERSION = "sc2deploy", "1"
+PLUGIN_DOMAIN = "trt.plugins"
+PLUGIN_ATTRIBUTES = {  # op -> (int attributes, float attributes) on its node
+    ROPE.name: (("num_heads", "kv_num_heads", "head_size", "max_position_embeddings"), ("rope_theta",)),
+    ATTENTION.name: (("num_heads", "kv_num_heads", "head_size", "local_window_size"), ("scale",)),
+}
 
 GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
               "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
               "q_norm_weight", "k_norm_weight", "query_seqlens")
-CONTRACT_INPUTS = GQA_INPUTS[:9]
 OUTPUTS = ("output", "present_key", "present_value")
 FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _INT_TYPES = ["tensor(int32)"]
@@ -36,8 +41,12 @@ def _type_of(name: str) -> str:
     return "T"
 
 
+def _plugin_type(name: str) -> str:
+    return {INT32: "M", FP32: "R"}.get(INPUT_KINDS.get(name, ""), "T")
+
+
 def register_schemas() -> None:
-    """Register both schemas with onnx unless already known (idempotent, process-wide)."""
+    """Register the schemas with onnx unless already known (idempotent, process-wide)."""
     import onnx.defs as defs
 
     schema = defs.OpSchema
@@ -59,7 +68,6 @@ def register_schemas() -> None:
         except defs.SchemaError:
             return False
 
-    outputs = [schema.FormalParameter(n, "T") for n in OUTPUTS]
     if not known(GQA_OP, GQA_DOMAIN):
         inputs = [schema.FormalParameter(n, "T" if _type_of(n) == "R" else _type_of(n),
                                          param_option=required if n in ("query", "seqlens_k", "total_sequence_length")
@@ -67,18 +75,22 @@ def register_schemas() -> None:
                   for n in GQA_INPUTS]
         defs.register_schema(schema(
             GQA_OP, GQA_DOMAIN, 1, "ONNX Runtime's GroupQueryAttention (the subset sc2deploy emits).",
-            inputs=inputs, outputs=outputs,
+            inputs=inputs, outputs=[schema.FormalParameter(n, "T") for n in OUTPUTS],
             type_constraints=[("T", FLOAT_TYPES, "activations and cache"), ("M", _INT_TYPES, "lengths"),
                               ("I", ["tensor(int64)"], "positions"), ("S", ["tensor(float)"], "cache scales")],
             attributes=attrs(ints=("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved",
                                    "sliding_window_cache", "causal", "smooth_softmax"),
                              floats=("scale", "softcap"))))
-    if not known(PLUGIN_OP, PLUGIN_DOMAIN):
-        inputs = [schema.FormalParameter(n, _type_of(n)) for n in CONTRACT_INPUTS]
+    for spec in (ROPE, ATTENTION):
+        if known(spec.name, PLUGIN_DOMAIN):
+            continue
+        ints, floats = PLUGIN_ATTRIBUTES[spec.name]
+        types = {_plugin_type(n) for n in spec.inputs}
+        constraints = [("T", FLOAT_TYPES, "activations and cache"), ("M", _INT_TYPES, "lengths"),
+                       ("R", ["tensor(float)"], "rotary tables, float32")]
         defs.register_schema(schema(
-            PLUGIN_OP, PLUGIN_DOMAIN, 1, "sc2deploy's sliding-window GQA TensorRT plugin (contract: sc2deploy/attention.py).",
-            inputs=inputs, outputs=outputs,
-            type_constraints=[("T", FLOAT_TYPES, "activations and cache"), ("M", _INT_TYPES, "lengths"),
-                              ("R", ["tensor(float)"], "rotary tables, float32")],
-            attributes=attrs(ints=("num_heads", "kv_num_heads", "head_size", "local_window_size", "max_position_embeddings"),
-                             floats=("scale", "rope_theta"), strings=("plugin_namespace", "plugin_version"))))
+            spec.name, PLUGIN_DOMAIN, 1, f"sc2deploy's TensorRT plugin {spec.plugin_id} (sc2deploy/plugins/trt_rules.py).",
+            inputs=[schema.FormalParameter(n, _plugin_type(n)) for n in spec.inputs],
+            outputs=[schema.FormalParameter(n, "T") for n in spec.outputs],
+            type_constraints=[c for c in constraints if c[0] in types],
+            attributes=attrs(ints=ints, floats=floats, strings=("plugin_namespace", "plugin_version"))))

@@ -25,7 +25,7 @@ def check_target_dtype(target: str, dtype: str) -> None:
     """Refuse an unknown target or dtype, or a combination that cannot run, naming the reason and the fix."""
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} "
-                        "(ort: ONNX Runtime GroupQueryAttention, trt: the TensorRT SlidingWindowGQA plugin)")
+                        "(ort: ONNX Runtime GroupQueryAttention, trt: the TensorRT RopeCache and SlidingWindowGQA plugins)")
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TARGET_DTYPES[target])} for --target {target}")
     if dtype not in TARGET_DTYPES[target]:

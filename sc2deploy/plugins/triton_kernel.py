@@ -4,15 +4,17 @@ Kernels (all parameters declared in the calling convention of a TensorRT
 `tensorrt.plugin.aot_impl` kernel: input pointers..., int32 scalars..., output pointers...;
 attributes and block sizes are constexprs, baked into the PTX as an AOT plugin needs):
 
-* `sliding_window_gqa_kernel` with FUSED=True: the whole op in ONE launch -- NeoX RoPE of q
-  (per tile) and of the new keys (on the fly, in the key loop), windowed flash attention, and
-  the present cache. Parameters: the contract's nine inputs, seq_len, capacity, then output,
-  present_key, present_value: exactly the one-node `trt.plugins::SlidingWindowGQA` an AOT
-  plugin embeds (aot_impl embeds one kernel per plugin).
 * two-kernel path: `rope_cache_kernel` (q_rot, k_rot and the present cache) then
   `sliding_window_gqa_kernel` with FUSED=False (attention of q_rot over past slots + k_rot;
-  cos/sin/present passed as None, so they drop out of its signature). Larger key blocks fit
-  without the in-loop RoPE; for JIT use, or two plugin nodes.
+  cos/sin/present passed as None, so they drop out of its signature). These are the kernels of
+  the two TensorRT plugins, RopeCache and SlidingWindowGQA (`trt_rules`; an aot_impl embeds
+  one kernel per plugin), and the fast prefill: larger key blocks fit without in-loop RoPE.
+* `sliding_window_gqa_kernel` with FUSED=True: the whole op in ONE launch -- NeoX RoPE of q
+  (per tile) and of the new keys (on the fly, in the key loop, so every query tile rotates
+  every key block it visits), windowed flash attention, and the present cache. One launch, but
+  its prefill is several times slower (H200, S=4,096: 4.3 ms against 0.84 ms), and nothing
+  deploys it: the TensorRT plugins and runtime/cuda.py prefill with the two-kernel path, and
+  decode goes through the plugins or `triton_decode`. `launch`'s default, compared by `gpu_check`.
 
 Attention: program (i, j) owns kv head `kvh` of row `b` and a tile of BLOCK_M rows, row m =
 (query column i*QPB + m // GT, query head kvh*G + gt*GT + m % GT), G = Nq/Nkv, GT = group_tile
@@ -131,11 +133,11 @@ def default_config(seq_len: int, num_heads: int, kv_num_heads: int, head_dim: in
                    dtype: torch.dtype = torch.float16, *, fused: bool = True) -> KernelConfig:
     """An untuned config: decode packs all G query heads of a kv head in one tile.
 
-    Checked only by compiling for sm_90 with ptxas (H=128, Nq/Nkv 48/4; no GPU run yet), all
-    without register spills: fused decode (16, 32) 8 warps, fused prefill (64, 32) 8 warps;
-    unfused decode (16, 64) 4 warps, unfused prefill (128, 64) 8 warps. The fused kernel's
-    in-loop RoPE of new keys needs the smaller key blocks (with 64 it spills). fp32 (tests)
-    uses small tiles: (64, 64) fp32 spills and wants > 100 KiB of shared memory.
+    Checked by compiling for sm_90 with ptxas (H=128, Nq/Nkv 48/4), all without register spills:
+    fused decode (16, 32) 8 warps, fused prefill (64, 32) 8 warps; unfused decode (16, 64) 4
+    warps, unfused prefill (128, 64) 8 warps (the TensorRT decode and prefill tactics). The
+    fused kernel's in-loop RoPE of new keys needs the smaller key blocks (with 64 it spills).
+    fp32 (tests) uses small tiles: (64, 64) fp32 spills and wants > 100 KiB of shared memory.
     """
     groups = num_heads // kv_num_heads
     if dtype == torch.float32:
@@ -524,10 +526,12 @@ _TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
 def aot_signature(kernel: str, dtype: torch.dtype) -> tuple[dict[str, str], dict[str, Any]]:
     """(signature, None-pointer constexprs) of one AOT build, parameters in AOT order.
 
-    kernel: "fused" (`sliding_window_gqa_kernel`, FUSED: the contract's nine inputs, seq_len and
-    capacity, then output/present_key/present_value), "rope" (`rope_cache_kernel`) or
-    "attention" (`sliding_window_gqa_kernel` unfused: q_rot, k_rot, value, past_key, past_value,
-    seqlens_k, total_sequence_length, seq_len, capacity, then output).
+    kernel: "rope" (`rope_cache_kernel`: the contract's nine inputs, seq_len and capacity, then
+    q_rot/k_rot/present_key/present_value), "attention" (`sliding_window_gqa_kernel` unfused:
+    q_rot, k_rot, value, past_key, past_value, seqlens_k, total_sequence_length, seq_len,
+    capacity, then output) -- the TensorRT plugins' kernels -- or "fused"
+    (`sliding_window_gqa_kernel`, FUSED: the nine inputs, seq_len and capacity, then
+    output/present_key/present_value).
     """
     p = f"*{_TRITON_DTYPES[dtype]}"
     inputs = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "past_k_ptr": p, "past_v_ptr": p,

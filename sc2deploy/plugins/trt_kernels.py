@@ -1,14 +1,17 @@
-"""The Triton side of the TensorRT plugin, without TensorRT: launch plan, AOT compilation, tensors.
+"""The Triton side of the TensorRT plugins, without TensorRT: launch plans, AOT compilation, tensors.
 
-`trt_plugin.py` registers the plugin with `tensorrt.plugin`; everything that does not need
-TensorRT lives here so that it runs (and is tested) on any machine with triton:
+`trt_plugin.py` registers the plugins (`trt_rules.SPECS`) with `tensorrt.plugin`; everything
+that does not need TensorRT lives here so that it runs (and is tested) on any machine with triton:
 
-* `launch_plan`: grid, int32 extra arguments, warps, stages and constexprs of the fused kernel
-  for inputs of given shapes. Sizes may be ints or TensorRT symbolic dims (`ShapeExpr`): the
-  same function gives `aot_impl` its symbolic grid and the JIT path (and the tests) concrete ones.
-* `launch_like_tensorrt`: launches the kernel the way TensorRT launches an AOT plugin:
+* `launch_plan`: grid, int32 extra arguments, warps, stages and constexprs of a plugin's kernel
+  (`rope_cache_kernel` for RopeCache, the unfused `sliding_window_gqa_kernel` for
+  SlidingWindowGQA) for inputs of given shapes. Sizes may be ints or TensorRT symbolic dims
+  (`ShapeExpr`): the same function gives `aot_impl` its symbolic grid and the JIT path (and
+  the tests) concrete ones.
+* `launch_like_tensorrt`: launches a plugin's kernel the way TensorRT launches an AOT plugin:
   (input pointers..., extra int32 scalars..., output pointers...), nothing else. Under
-  TRITON_INTERPRET=1 this checks on CPU that the AOT calling convention computes the contract.
+  TRITON_INTERPRET=1 this checks on CPU that the AOT calling convention of the two plugins,
+  one after the other, computes the contract.
 * `compile_for_aot`: the kernel compiled to PTX for a CUDA target (works without a GPU when a
   target is given), with its launch metadata checked for what an AOT plugin launch cannot
   provide (scratch memory, clusters, cooperative launches).
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 
 from sc2deploy.plugins import triton_kernel as tk
-from sc2deploy.plugins.trt_rules import GQA, OpSpec, PluginRuleError, aot_extra_args
+from sc2deploy.plugins.trt_rules import OpSpec, PluginRuleError, aot_extra_args
 
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int32": torch.int32}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -37,12 +40,12 @@ _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "int32": 4, "int64": 8, "int8": 1}
 
 # ---------------------------------------------------------------- tactics -> kernel configs
 def kernel_config(tactic_name: str, dtype: str, num_heads: int, kv_num_heads: int, head_dim: int) -> tk.KernelConfig:
-    """The KernelConfig of a named tactic (trt_rules.TACTICS); every tactic computes the same values."""
+    """The attention KernelConfig of a named tactic (trt_rules.TACTICS); every tactic computes the same values."""
     torch_dtype = TORCH_DTYPES[dtype]
     if dtype == "fp32" or tactic_name == "prefill":
-        return tk.default_config(1024, num_heads, kv_num_heads, head_dim, torch_dtype, fused=True)
+        return tk.default_config(1024, num_heads, kv_num_heads, head_dim, torch_dtype, fused=False)
     if tactic_name == "decode":
-        return tk.default_config(1, num_heads, kv_num_heads, head_dim, torch_dtype, fused=True)
+        return tk.default_config(1, num_heads, kv_num_heads, head_dim, torch_dtype, fused=False)
     if tactic_name == "compact":
         return tk.KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     raise PluginRuleError(f"unknown tactic {tactic_name!r}")
@@ -75,32 +78,40 @@ class LaunchPlan:
 
 
 def launch_plan(spec: OpSpec, input_shapes: Sequence[Sequence[Any]], attrs: dict[str, Any], dtype: str,
-                tactic_name: str) -> LaunchPlan:
+                tactic_name: str = "prefill") -> LaunchPlan:
     """How `spec`'s kernel is launched for inputs of these shapes (ints or symbolic dims).
 
     Only + * // touch the sizes, so symbolic dims give symbolic grids. The head size must be
-    static: it is read from past_key's last dim. The present cache is a separate output
-    (TensorRT does not alias it to the past), so the kernel copies the untouched past slots.
+    static: it is read from past_key's last dim. tactic_name picks the attention's block shapes
+    (RopeCache has one configuration). The present cache is a separate output (TensorRT does
+    not alias it to the past), so RopeCache copies the untouched past slots.
     """
-    if spec.kernel is None:
-        raise PluginRuleError(f"{spec.name} has no ahead-of-time kernel")
     by_name = dict(zip(spec.inputs, input_shapes))
     nq, nkv = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
     head_dim = static_int(by_name["past_key"][3], f"{spec.name}: the head size (past_key's last dim)")
-    batch = by_name["query"][0]
+    batch = input_shapes[0][0]
     seq_len, capacity = aot_extra_args(spec, input_shapes)
-    config = kernel_config(tactic_name, dtype, nq, nkv, head_dim)
     signature, none_args = tk.aot_signature(spec.kernel, TORCH_DTYPES[dtype])
-    p = tk.attention_launch_params(batch, seq_len, capacity, nq, nkv, head_dim, int(attrs["local_window_size"]),
-                                   float(attrs["scale"]), config, TORCH_DTYPES[dtype], fused=True, copy_past=True)
-    grid = tuple(p["grid"]) + (1,) * (3 - len(p["grid"]))
-    return LaunchPlan("sliding_window_gqa_kernel", (grid[0], grid[1], grid[2]), (seq_len, capacity),
-                      int(p["num_warps"]), int(p["num_stages"]), dict(p["constexprs"], **none_args), dict(signature))
+    if spec.kernel == "rope":
+        name = "rope_cache_kernel"
+        p = tk.rope_launch_params(batch, seq_len, capacity, nq, nkv, head_dim, tk.KernelConfig(), copy_past=True)
+    else:
+        name = "sliding_window_gqa_kernel"
+        config = kernel_config(tactic_name, dtype, nq, nkv, head_dim)
+        p = tk.attention_launch_params(batch, seq_len, capacity, nq, nkv, head_dim, int(attrs["local_window_size"]),
+                                       float(attrs["scale"]), config, TORCH_DTYPES[dtype], fused=False)
+    gx, gy, gz = p["grid"]
+    return LaunchPlan(name, (gx, gy, gz), (seq_len, capacity), int(p["num_warps"]), int(p["num_stages"]),
+                      dict(p["constexprs"], **none_args), dict(signature))
 
 
 def launch_like_tensorrt(spec: OpSpec, inputs: Sequence[Tensor], outputs: Sequence[Tensor], attrs: dict[str, Any],
                          tactic_name: str = "prefill") -> None:
-    """Launch `spec`'s kernel with TensorRT's AOT argument order: inputs, extra int32 scalars, outputs."""
+    """Launch `spec`'s kernel with TensorRT's AOT argument order: inputs, extra int32 scalars, outputs.
+
+    The arguments are bound to the plan's signature, the kernel's non-constexpr parameters in
+    declaration order: exactly the parameters the PTX entry of an AOT build takes.
+    """
     if len(inputs) != len(spec.inputs) or len(outputs) != len(spec.outputs):
         raise PluginRuleError(f"{spec.name} takes {len(spec.inputs)} inputs and {len(spec.outputs)} outputs")
     inputs = [t.contiguous() for t in inputs]  # TensorRT's linear tensors are dense; torch views may not be
@@ -109,18 +120,9 @@ def launch_like_tensorrt(spec: OpSpec, inputs: Sequence[Tensor], outputs: Sequen
     plan = launch_plan(spec, [tuple(t.shape) for t in inputs], attrs, DTYPE_NAMES[inputs[0].dtype], tactic_name)
     if 0 in plan.grid:
         return
-    kernel = getattr(tk, plan.kernel)
-    kernel[plan.grid](*inputs, *plan.extra_args, *outputs, num_warps=plan.num_warps, num_stages=plan.num_stages,
-                      **plan.constexprs)
-
-
-def run_jit(inputs: Sequence[Tensor], outputs: Sequence[Tensor], attrs: dict[str, Any],
-            tactic_name: str | None = None) -> None:
-    """The plugin's JIT body: the fused kernel on torch views of TensorRT's buffers, writing `outputs`."""
-    if tactic_name is None:
-        launch_like_tensorrt(GQA, inputs, outputs, attrs, "prefill" if inputs[0].shape[1] > 4 else "decode")
-    else:
-        launch_like_tensorrt(GQA, inputs, outputs, attrs, tactic_name)
+    args = dict(zip(plan.signature, [*inputs, *plan.extra_args, *outputs], strict=True))
+    getattr(tk, plan.kernel)[plan.grid](**args, **plan.constexprs, num_warps=plan.num_warps,
+                                        num_stages=plan.num_stages)
 
 
 # ---------------------------------------------------------------- AOT compilation
@@ -134,7 +136,7 @@ class CompiledKernel:
 
 
 def compile_for_aot(spec: OpSpec, input_shapes: Sequence[Sequence[Any]], attrs: dict[str, Any], dtype: str,
-                    tactic_name: str, target: Any = None) -> tuple[CompiledKernel, LaunchPlan]:
+                    tactic_name: str = "prefill", target: Any = None) -> tuple[CompiledKernel, LaunchPlan]:
     """`spec`'s kernel compiled to PTX for `target` (default: the current GPU), and its launch plan.
 
     Raises RuntimeError if the compiled kernel needs something an AOT plugin launch cannot give it.

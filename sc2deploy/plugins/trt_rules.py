@@ -1,18 +1,24 @@
-"""The TensorRT plugin's rules in plain Python: names, I/O, shape and dtype rules, tactics, hash.
+"""The TensorRT plugins' rules in plain Python: names, I/O, shape and dtype rules, tactics, hash.
 
 `trt_plugin.py` hands these to `tensorrt.plugin` (register / autotune / aot_impl / impl);
 keeping them here lets them be unit tested where TensorRT is not installed. Nothing here
 imports tensorrt or triton.
 
-One plugin, `sc2deploy::SlidingWindowGQA` version "1", computes the whole contract of
-`sc2deploy.attention` (RoPE, ring-cache write, sliding-window attention) for the export's node
-of the same op_type: its `aot_impl` embeds one launch of the fused Triton kernel
-(`triton_kernel.sliding_window_gqa_kernel`, FUSED) in the engine, so engines run without
-Python; its `impl` launches the same kernel from Python (just in time).
+The contract of `sc2deploy.attention` (RoPE, ring-cache write, sliding-window attention) is
+two plugins in namespace "sc2deploy", one node each per attention in the trt export, because
+an `aot_impl` embeds one kernel and the prefill wants two (the one-launch kernel, which rotates
+the new keys inside its key loop, is several times slower; see `triton_kernel`):
 
-Kernel parameter order is TensorRT's AOT calling convention: (input pointers..., the int32
-extra arguments..., output pointers...): the fused kernel takes the contract's nine inputs,
-(seq_len, capacity), then output, present_key, present_value.
+* `ROPE` (`sc2deploy::RopeCache`): the contract's nine inputs -> q_rot, k_rot (RoPE'd query
+  and new keys) and present_key/present_value (the ring cache); kernel `rope_cache_kernel`.
+* `ATTENTION` (`sc2deploy::SlidingWindowGQA`): q_rot, k_rot, value, past_key, past_value,
+  seqlens_k, total_sequence_length -> output; kernel `sliding_window_gqa_kernel` unfused.
+  It reads the past from past_key/value and the new keys from k_rot, never from present.
+
+Each `aot_impl` embeds its kernel in the engine, so engines run without Python; each `impl`
+launches the same kernel from Python (just in time). tensorrt.plugin plugins are always
+version "1". Kernel parameter order is TensorRT's AOT calling convention: (input pointers...,
+the int32 extra arguments (seq_len, capacity)..., output pointers...).
 """
 from __future__ import annotations
 
@@ -33,13 +39,17 @@ AUTOTUNE_NAMES = {"fp16": "FP16", "bf16": "BF16", "fp32": "FP32", "int32": "INT3
 
 CONTRACT_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
                    "cos_cache", "sin_cache")
-INPUT_KINDS = {"query": ACT, "key": ACT, "value": ACT, "past_key": ACT, "past_value": ACT,
+ATTENTION_INPUTS = ("q_rot", "k_rot", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length")
+INPUT_KINDS = {"query": ACT, "key": ACT, "value": ACT, "past_key": ACT, "past_value": ACT, "q_rot": ACT, "k_rot": ACT,
                "seqlens_k": INT32, "total_sequence_length": INT32,
                "cos_cache": FP32, "sin_cache": FP32}
-INPUT_RANKS = {"query": 3, "key": 3, "value": 3, "past_key": 4,
-               "past_value": 4, "seqlens_k": 1, "total_sequence_length": 0, "cos_cache": 2, "sin_cache": 2}
-ATTRIBUTES: tuple[tuple[str, type], ...] = (("num_heads", int), ("kv_num_heads", int),
-                                            ("local_window_size", int), ("scale", float))
+INPUT_RANKS = {"query": 3, "key": 3, "value": 3, "past_key": 4, "past_value": 4, "q_rot": 3, "k_rot": 3,
+               "seqlens_k": 1, "total_sequence_length": 0, "cos_cache": 2, "sin_cache": 2}
+WIDTH_HEADS = {"query": "num_heads", "q_rot": "num_heads", "key": "kv_num_heads", "k_rot": "kv_num_heads",
+               "value": "kv_num_heads"}  # (B, S, heads * head_dim) inputs
+HEAD_ATTRIBUTES: tuple[tuple[str, type], ...] = (("num_heads", int), ("kv_num_heads", int))
+ATTRIBUTES = HEAD_ATTRIBUTES + (("local_window_size", int), ("scale", float))
+EXTRA_ARGS = ("seq_len", "capacity")
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,9 @@ class OpSpec:
     outputs: tuple[str, ...]
     like: tuple[int, ...]  # output i has the shape and dtype of input like[i]
     attributes: tuple[tuple[str, type], ...]
-    kernel: str | None  # the one Triton kernel an aot_impl embeds (triton_kernel.aot_signature's name)
-    extra_args: tuple[str, ...] = ()  # int32 kernel scalars between input and output pointers
+    kernel: str  # the one Triton kernel an aot_impl embeds (triton_kernel.aot_signature's name)
+    tuned: bool  # whether TensorRT times the TACTICS (block shapes) for it
+    extra_args: tuple[str, ...] = EXTRA_ARGS  # int32 kernel scalars between input and output pointers
 
     @property
     def plugin_id(self) -> str:
@@ -63,9 +74,10 @@ class OpSpec:
         return tuple(name for name, _ in self.attributes)
 
 
-GQA = OpSpec("SlidingWindowGQA", CONTRACT_INPUTS, ("output", "present_key", "present_value"), (0, 3, 4),
-              ATTRIBUTES, kernel="fused", extra_args=("seq_len", "capacity"))
-SPECS = {GQA.name: GQA}
+ROPE = OpSpec("RopeCache", CONTRACT_INPUTS, ("q_rot", "k_rot", "present_key", "present_value"), (0, 1, 3, 4),
+              HEAD_ATTRIBUTES, kernel="rope", tuned=False)
+ATTENTION = OpSpec("SlidingWindowGQA", ATTENTION_INPUTS, ("output",), (0,), ATTRIBUTES, kernel="attention", tuned=True)
+SPECS = {spec.name: spec for spec in (ROPE, ATTENTION)}  # in graph order: RopeCache feeds SlidingWindowGQA
 
 
 class PluginRuleError(ValueError):
@@ -76,8 +88,8 @@ class PluginRuleError(ValueError):
 def output_dtypes(spec: OpSpec, input_dtypes: Sequence[str]) -> list[str]:
     """Output dtypes from input dtypes ("fp16", "bf16", "fp32", "int32", ...); raises PluginRuleError.
 
-    Rule: every activation input (query, key, value, caches) has one floating dtype, which the
-    outputs take; seqlens_k and total_sequence_length are int32; the cos/sin caches float32.
+    Rule: every activation input (query/q_rot, key/k_rot, value, caches) has one floating dtype,
+    which the outputs take; seqlens_k and total_sequence_length are int32; the cos/sin caches float32.
     """
     if len(input_dtypes) != len(spec.inputs):
         raise PluginRuleError(f"{spec.name} takes {len(spec.inputs)} inputs ({', '.join(spec.inputs)}), "
@@ -112,17 +124,17 @@ def check_shapes(spec: OpSpec, shapes: Sequence[Sequence[int | None]], attrs: di
     check_ranks(spec, [len(s) for s in shapes])
     check_attributes(attrs, head_dim=None)
     by_name = dict(zip(spec.inputs, shapes))
-    nq, nkv = attrs["num_heads"], attrs["kv_num_heads"]
     head_dim = None
     cache = by_name.get("past_key")
     if cache is not None and cache[3] is not None:
         head_dim = cache[3]
+        nkv = attrs["kv_num_heads"]
         if cache[1] is not None and cache[1] != nkv:
             raise PluginRuleError(f"{spec.name}: past_key has {cache[1]} heads, kv_num_heads is {nkv}")
-    for name, heads in (("query", nq), ("key", nkv), ("value", nkv)):
-        shape = by_name.get(name)
-        if shape is None or shape[2] is None:
+    for name, shape in by_name.items():
+        if name not in WIDTH_HEADS or shape[2] is None:
             continue
+        heads = attrs[WIDTH_HEADS[name]]
         if head_dim is None:
             if shape[2] % heads:
                 raise PluginRuleError(f"{spec.name}: {name} width {shape[2]} is not a multiple of {heads} heads")
@@ -130,9 +142,9 @@ def check_shapes(spec: OpSpec, shapes: Sequence[Sequence[int | None]], attrs: di
         if shape[2] != heads * head_dim:
             raise PluginRuleError(f"{spec.name}: {name} width {shape[2]} is not {heads} heads x {head_dim}")
     for name in ("cos_cache", "sin_cache"):
-        shape = by_name.get(name)
-        if shape is not None and head_dim is not None and shape[1] is not None and shape[1] * 2 != head_dim:
-            raise PluginRuleError(f"{spec.name}: {name} has {shape[1]} columns, expected head_dim/2 = {head_dim // 2}")
+        table = by_name.get(name)
+        if table is not None and head_dim is not None and table[1] is not None and table[1] * 2 != head_dim:
+            raise PluginRuleError(f"{spec.name}: {name} has {table[1]} columns, expected head_dim/2 = {head_dim // 2}")
     if head_dim is not None:
         check_attributes(attrs, head_dim)
 
@@ -156,10 +168,11 @@ def autotune_types(spec: OpSpec, float_dtypes: Sequence[str] = FLOAT_DTYPES) -> 
     return ", ".join(ins + [floats] * len(spec.outputs))
 
 
-# Tactics: block shapes, not numerics (every tactic computes the same contract). TensorRT times
-# each per optimization profile, so the decode profile can take the decode tiles and the prefill
-# profile the prefill tiles. "compact" keeps shared memory small: a launch that works whatever
-# the AOT launcher does about dynamic shared memory above 48 KiB.
+# Tactics of the attention plugin (ATTENTION.tuned; RopeCache has one launch configuration):
+# block shapes, not numerics (every tactic computes the same contract). TensorRT times each per
+# optimization profile, so the decode profile can take the decode tiles and the prefill profile
+# the prefill tiles. "compact" keeps shared memory small: a launch that works whatever the AOT
+# launcher does about dynamic shared memory above 48 KiB.
 TACTICS = {1: "prefill", 2: "decode", 3: "compact"}
 TACTICS_ENV = "SC2DEPLOY_TRT_TACTICS"  # e.g. "compact": restrict the tactics TensorRT may time
 
@@ -181,10 +194,11 @@ def tactic_ids(environ: dict[str, str] | None = None) -> list[int]:
 def aot_extra_args(spec: OpSpec, input_shapes: Sequence[Sequence[Any]]) -> list[Any]:
     """The int32 scalars passed between input and output pointers: (seq_len, capacity).
 
-    seq_len = query.shape[1] and capacity = past_key.shape[2]; dims may be symbolic (ShapeExpr).
+    seq_len = the first input's (query or q_rot) shape[1] and capacity = past_key.shape[2];
+    dims may be symbolic (ShapeExpr).
     """
     by_name = dict(zip(spec.inputs, input_shapes))
-    values = {"seq_len": by_name["query"][1], "capacity": by_name["past_key"][2]}
+    values = {"seq_len": input_shapes[0][1], "capacity": by_name["past_key"][2]}
     return [values[name] for name in spec.extra_args]
 
 
@@ -193,7 +207,7 @@ PLUGIN_SOURCES = ("triton_kernel.py", "trt_kernels.py", "trt_plugin.py", "trt_ru
 
 
 def plugin_hash(folder: Path | None = None) -> str:
-    """sha256 over the plugin's source files (name and bytes, in a fixed order): changes when the plugin does."""
+    """sha256 over the plugins' source files (name and bytes, in a fixed order): changes when either plugin does."""
     folder = folder or Path(__file__).resolve().parent
     h = hashlib.sha256()
     for name in PLUGIN_SOURCES:

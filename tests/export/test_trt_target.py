@@ -1,4 +1,5 @@
-"""--target trt: the SlidingWindowGQA plugin node, checked by onnx and, rewritten to ONNX Runtime's GQA, run."""
+"""--target trt: the RopeCache and SlidingWindowGQA plugin nodes, checked by onnx and, rewritten to ONNX Runtime's
+GQA, run."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,20 +8,27 @@ import pytest
 from onnx import helper
 
 from sc2deploy.checkpoint import CheckpointSource
+from sc2deploy.plugins.trt_rules import ATTENTION, ROPE
 
 PLUGIN_ATTRS = {"plugin_namespace": b"sc2deploy", "plugin_version": b"1", "num_heads": 4, "kv_num_heads": 2,
-                "head_size": 16, "local_window_size": 8, "max_position_embeddings": 512}
+                "head_size": 16}
 
 
-def plugin_nodes(model):
-    return [n for n in model.graph.node if n.op_type == "SlidingWindowGQA"]
+def nodes_of(model, op_type):
+    return [n for n in model.graph.node if n.op_type == op_type]
+
+
+def attributes(node):
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def rewrite_plugins_to_gqa(model) -> None:
-    """Each SlidingWindowGQA node -> com.microsoft GroupQueryAttention on the same inputs (the ort target's node)."""
-    for node in plugin_nodes(model):
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        q, seqlens_k, total = node.input[0], node.input[5], node.input[6]
+    """Each RopeCache -> SlidingWindowGQA pair -> one com.microsoft GroupQueryAttention (the ort target's node)."""
+    rope_of = {n.output[0]: n for n in nodes_of(model, ROPE.name)}  # by q_rot
+    for node in nodes_of(model, ATTENTION.name):
+        rope = rope_of.pop(node.input[0])
+        attrs = attributes(node)
+        q, seqlens_k, total = rope.input[0], rope.input[5], rope.input[6]
         p = node.name
         extra = [
             helper.make_node("Shape", [q], [f"{p}/s64"], start=1, end=2),
@@ -30,13 +38,16 @@ def rewrite_plugins_to_gqa(model) -> None:
             helper.make_node("Where", [f"{p}/first", f"{p}/t", f"{p}/s"], [f"{p}/qsl"]),
         ]
         gqa = helper.make_node(
-            "GroupQueryAttention", list(node.input) + [""] * 7 + [f"{p}/qsl"], list(node.output), domain="com.microsoft",
-            num_heads=attrs["num_heads"], kv_num_heads=attrs["kv_num_heads"], scale=attrs["scale"],
-            local_window_size=attrs["local_window_size"], do_rotary=1, rotary_interleaved=0, sliding_window_cache=1)
-        index = list(model.graph.node).index(node)
+            "GroupQueryAttention", list(rope.input) + [""] * 7 + [f"{p}/qsl"], [node.output[0], *rope.output[2:]],
+            domain="com.microsoft", num_heads=attrs["num_heads"], kv_num_heads=attrs["kv_num_heads"],
+            scale=attrs["scale"], local_window_size=attrs["local_window_size"], do_rotary=1, rotary_interleaved=0,
+            sliding_window_cache=1)
+        index = list(model.graph.node).index(rope)  # every input is ready there; every consumer comes later
         model.graph.node.remove(node)
+        model.graph.node.remove(rope)
         for offset, new in enumerate(extra + [gqa]):
             model.graph.node.insert(index + offset, new)
+    assert not rope_of, "a RopeCache node feeds no SlidingWindowGQA"
     model.graph.initializer.append(helper.make_tensor("one_i32", onnx.TensorProto.INT32, [], [1]))
     del model.opset_import[:]
     model.opset_import.extend([helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
@@ -46,14 +57,24 @@ def test_plugin_graph_passes_the_checker_and_carries_the_plugin_attributes(store
     artifact = store.artifact(target="trt")
     onnx.checker.check_model(str(artifact / "model.onnx"), full_check=True)
     model = onnx.load(str(artifact / "model.onnx"), load_external_data=False)
-    nodes = plugin_nodes(model)
-    assert len(nodes) == 2 and not [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-    attrs = {a.name: helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert {k: attrs[k] for k in PLUGIN_ATTRS} == PLUGIN_ATTRS
-    assert attrs["rope_theta"] == pytest.approx(10000.0) and attrs["scale"] == pytest.approx(0.25)
-    assert nodes[0].domain == "trt.plugins" and len(nodes[0].input) == 9
+    ropes, attentions = nodes_of(model, ROPE.name), nodes_of(model, ATTENTION.name)
+    assert len(ropes) == len(attentions) == 2 and not nodes_of(model, "GroupQueryAttention")
+    for rope, attention in zip(ropes, attentions):
+        for node, spec in ((rope, ROPE), (attention, ATTENTION)):
+            attrs = attributes(node)
+            assert {k: attrs[k] for k in PLUGIN_ATTRS} == PLUGIN_ATTRS and set(spec.attribute_names) <= set(attrs)
+            assert node.domain == "trt.plugins"
+            assert (len(node.input), len(node.output)) == (len(spec.inputs), len(spec.outputs))
+        # RopeCache: the contract's inputs; its q_rot and k_rot feed the attention, which reads value and the past
+        assert list(attention.input) == [*rope.output[:2], *rope.input[2:7]]
+        assert attributes(rope)["rope_theta"] == pytest.approx(10000.0)
+        assert attributes(rope)["max_position_embeddings"] == 512
+        assert attributes(attention)["scale"] == pytest.approx(0.25)
+        assert attributes(attention)["local_window_size"] == 8
+    graph_outputs = [o.name for o in model.graph.output]
+    assert [o for n in ropes for o in n.output[2:]] == graph_outputs[1:]  # present.N.key/.value
     inits = {t.name: t for t in model.graph.initializer}
-    assert inits[nodes[0].input[7]].data_type == onnx.TensorProto.FLOAT  # the contract's float32 RoPE tables
+    assert inits[ropes[0].input[7]].data_type == onnx.TensorProto.FLOAT  # the contract's float32 RoPE tables
     assert "logits_to_keep" not in {i.name for i in model.graph.input}
 
 
