@@ -23,6 +23,7 @@ that is how it is tested against the eager model on machines with no GPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from sc2deploy.checkpoint import TensorSource, load_model
 from sc2deploy.config import DTYPE_BYTES, torch_dtype
 from sc2deploy.errors import UserError
+from sc2deploy.model import Attention, DecoderLayer, Starcoder2
 from sc2deploy.runtime.base import Runtime
 
 DTYPES = tuple(DTYPE_BYTES)
@@ -59,11 +61,11 @@ def check_device(device: str | torch.device) -> torch.device:
                     "TRITON_INTERPRET=1, for tests); use --device cuda")
 
 
-def fuse_qkv(attention: nn.Module) -> tuple[Tensor, Tensor | None]:
+def fuse_qkv(attention: Attention) -> tuple[Tensor, Tensor | None]:
     """(weight, bias) of q, k and v as one projection; the three modules' parameters become views of them."""
     projections = (attention.q_proj, attention.k_proj, attention.v_proj)
     sizes = [p.out_features for p in projections]
-    fused = []
+    fused: list[Tensor | None] = []
     for kind in ("weight", "bias"):
         parts = [getattr(p, kind) for p in projections]
         if parts[0] is None:
@@ -73,7 +75,7 @@ def fuse_qkv(attention: nn.Module) -> tuple[Tensor, Tensor | None]:
         for p, view in zip(projections, whole.split(sizes)):
             setattr(p, kind, nn.Parameter(view, requires_grad=False))
         fused.append(whole)
-    return fused[0], fused[1]
+    return cast(Tensor, fused[0]), fused[1]
 
 
 class CudaRuntime(Runtime):
@@ -81,7 +83,7 @@ class CudaRuntime(Runtime):
 
     def __init__(self, source: TensorSource | None = None, dtype: str = "bf16", max_batch: int = 1,
                  capacity: int | None = None, *, device: str | torch.device | None = None, graphs: bool | None = None,
-                 model: torch.nn.Module | None = None, threads: int | None = None):
+                 model: Starcoder2 | None = None, threads: int | None = None):
         """`source`'s weights loaded on `device` in `dtype` (or an already loaded reference `model`).
 
         device: default cuda. graphs: capture decode as CUDA graphs (default: on a CUDA device). capacity: cache
@@ -107,10 +109,11 @@ class CudaRuntime(Runtime):
         wdtype = torch_dtype(dtype)
         if model.model.embed_tokens.weight.dtype != wdtype or model.model.embed_tokens.weight.device != self.device:
             raise ValueError(f"the model must hold {dtype} weights on {self.device}")
-        self._qkv = [fuse_qkv(layer.self_attn) for layer in model.model.layers]
+        self.layers = [cast(DecoderLayer, layer) for layer in model.model.layers]
+        self._qkv = [fuse_qkv(layer.self_attn) for layer in self.layers]
         self._qkv_sizes = [c.q_size, c.kv_size, c.kv_size]
-        self.cos = model.cos_cache.to(self.device, torch.float32).contiguous()
-        self.sin = model.sin_cache.to(self.device, torch.float32).contiguous()
+        self.cos = cast(Tensor, model.cos_cache).to(self.device, torch.float32).contiguous()
+        self.sin = cast(Tensor, model.sin_cache).to(self.device, torch.float32).contiguous()
         shape = (max_batch + 1, c.num_key_value_heads, self.capacity, c.head_dim)  # + the scratch row
         self.cache = [(torch.zeros(shape, dtype=wdtype, device=self.device),
                        torch.zeros(shape, dtype=wdtype, device=self.device)) for _ in range(c.num_hidden_layers)]
@@ -204,7 +207,7 @@ class CudaRuntime(Runtime):
         return F.linear(model.model.norm(x), model.head_weight).float()
 
     def _layers(self, x: Tensor, attend) -> Tensor:
-        for layer, (weight, bias), (k_cache, v_cache) in zip(self.model.model.layers, self._qkv, self.cache):
+        for layer, (weight, bias), (k_cache, v_cache) in zip(self.layers, self._qkv, self.cache):
             q, k, v = F.linear(layer.input_layernorm(x), weight, bias).split(self._qkv_sizes, dim=-1)
             x = x + layer.self_attn.o_proj(attend(q, k, v, k_cache, v_cache))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
