@@ -34,11 +34,12 @@ __all__ = ["rope_cache", "sliding_window_gqa", "sliding_window_gqa_reference"]
 QUERY_CHUNK = 512  # queries per block of attention scores in the reference
 
 
-def rope_cache(head_dim: int, theta: float, max_positions: int) -> tuple[Tensor, Tensor]:
+def rope_cache(head_dim: int, theta: float, max_positions: int,
+               device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """cos/sin tables (max_positions, head_dim/2) in float32, computed exactly as transformers does."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponent)
-    positions = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
+    positions = torch.arange(max_positions, dtype=torch.int64, device=device).to(torch.float32)
     freqs = (inv_freq[:, None] @ positions[None, :]).t()
     return freqs.cos(), freqs.sin()
 
@@ -84,7 +85,8 @@ def sliding_window_gqa_reference(
     if bool((past_len < 0).any()):
         raise ValueError(f"seqlens_k {seqlens_k.tolist()} is shorter than the {seq_len} new tokens of a chunk with a past")
 
-    columns = torch.arange(seq_len)
+    device = query.device
+    columns = torch.arange(seq_len, device=device)
     q_pos = past_len[:, None] + columns  # (B, S)
     q_real = columns[None, :] < n_new[:, None]
     safe_pos = torch.where(q_real, q_pos, 0)
@@ -97,7 +99,7 @@ def sliding_window_gqa_reference(
     # Cached slots hold the latest position p < past_len with p % C == slot (none if p < 0).
     # Only the slots a row can have written are visited: a short row in a big ring costs little.
     used = min(capacity, int(past_len.max()))
-    slots = torch.arange(used)
+    slots = torch.arange(used, device=device)
     slot_pos = past_len[:, None] - 1 - torch.remainder(past_len[:, None] - 1 - slots, capacity)
     keys = torch.cat((past_key[:, :, :used], k), dim=2)
     values = torch.cat((past_value[:, :, :used], v), dim=2)
@@ -106,7 +108,7 @@ def sliding_window_gqa_reference(
 
     qf = q.float().view(batch, kv_num_heads, groups, seq_len, head_dim)
     kf, vf = keys.float().unsqueeze(2), values.float().unsqueeze(2)  # (B, Nkv, 1, T, H)
-    out = torch.empty(batch, kv_num_heads, groups, seq_len, head_dim)
+    out = torch.empty(batch, kv_num_heads, groups, seq_len, head_dim, device=device)
     for start in range(0, seq_len, QUERY_CHUNK):  # bounds the (S, T) scores of long prompts
         end = min(start + QUERY_CHUNK, seq_len)
         distance = q_pos[:, start:end, None] - k_pos[:, None, :]  # (B, s, T)

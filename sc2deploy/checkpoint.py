@@ -149,7 +149,7 @@ class RandomSource(TensorSource):
         self._shapes = config.tensor_shapes()
 
     def get(self, name: str, dtype: str) -> Tensor:
-        out = torch.empty(self._shapes[name], dtype=torch_dtype(dtype))
+        out = torch.empty(self._shapes[name], dtype=torch_dtype(dtype), device="cpu")
         for start, block in self.blocks(name, dtype):
             out.view(-1)[start:start + block.numel()] = block
         return out
@@ -166,7 +166,7 @@ class RandomSource(TensorSource):
             n = min(RANDOM_CHUNK, numel - start)
             digest = hashlib.sha256(f"{self.seed}:{name}:{index}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            values = torch.randn(n, generator=gen)
+            values = torch.randn(n, generator=gen, device="cpu")
             if is_norm:
                 values = (1.0 + 0.1 * values) if kind == "weight" else 0.1 * values
             else:
@@ -252,25 +252,54 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 # ---------------------------------------------------------------- model loading
-def load_model(source: TensorSource, dtype: str = "fp32"):
-    """Build the reference model from `source` without ever holding two copies of a weight."""
+def load_model(source: TensorSource, dtype: str = "fp32", device: torch.device | str | None = None):
+    """Build the reference model from `source` on `device` (default the CPU) without ever holding two copies
+    of a weight: each tensor moves there as soon as it is read."""
     from sc2deploy.attention import rope_cache
     from sc2deploy.model import Starcoder2
 
     config = source.config
+    device = torch.device("cpu" if device is None else device)
     with torch.device("meta"):
         model = Starcoder2(config)
     params = dict(model.named_parameters())
     for name in source.names():
-        tensor = source.get(name, dtype)
+        tensor = source.get(name, dtype).to(device)
         module_name, attr = name.rsplit(".", 1)
         module = model.get_submodule(module_name)
         setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
         params.pop(name, None)
     if params:
         raise UserError(f"{source.description} did not provide {sorted(params)[0]}")
-    cos, sin = rope_cache(config.head_dim, config.rope_theta, config.max_position_embeddings)
-    model.cos_cache, model.sin_cache = cos, sin
+    model.cos_cache, model.sin_cache = rope_cache(config.head_dim, config.rope_theta,
+                                                  config.max_position_embeddings, device)
+    return model.eval()
+
+
+def random_model(config: Config, dtype: str = "bf16", device: torch.device | str = "cuda", seed: int = 0):
+    """The reference model with random weights made on `device` itself (15b bf16 in about a second on a GPU).
+
+    For benchmarks: the weights depend on the device's generator, unlike RandomSource's. Linear and embedding
+    weights are N(0, 0.02), norm weights 1, biases 0.
+    """
+    from sc2deploy.attention import rope_cache
+    from sc2deploy.model import Starcoder2
+
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = Starcoder2(config).to(torch_dtype(dtype))  # no memory until to_empty allocates on the device
+    model = model.to_empty(device=device).requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif "norm" in name or name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.cos_cache, model.sin_cache = rope_cache(config.head_dim, config.rope_theta,
+                                                  config.max_position_embeddings, device)
     return model.eval()
 
 

@@ -89,13 +89,13 @@ class Starcoder2(nn.Module):
 
     def empty_cache(self, batch: int, capacity: int) -> KVCache:
         c = self.config
-        dtype = self.model.embed_tokens.weight.dtype
+        weight = self.model.embed_tokens.weight
         shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(c.num_hidden_layers)]
+        return [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(c.num_hidden_layers)]
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, past_key_values: KVCache) -> tuple[Tensor, KVCache]:
         seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)
-        total = torch.tensor(attention_mask.shape[1], dtype=torch.int32)
+        total = torch.scalar_tensor(attention_mask.shape[1], dtype=torch.int32, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
         presents: KVCache = []
         for layer, past in zip(self.model.layers, past_key_values):

@@ -272,12 +272,12 @@ def run_feed(runtime: Runtime, feed: dict) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.zeros((len(prompts), steps), dtype=np.int64)
     last = []
     for row, rows_logits in enumerate(prefilled):
-        logits[row, :lengths[row]] = rows_logits.float().numpy()
+        logits[row, :lengths[row]] = rows_logits.float().cpu().numpy()
         last.append(logits[row, lengths[row] - 1])
     slots = list(range(len(prompts)))
     for t in range(steps):
         tokens[:, t] = [int(forced[row, t]) if forced[row, t] >= 0 else int(np.argmax(last[row])) for row in slots]
-        out = runtime.decode(slots, tokens[:, t].tolist()).float().numpy()
+        out = runtime.decode(slots, tokens[:, t].tolist()).float().cpu().numpy()
         for row in slots:
             logits[row, lengths[row] + t] = out[row]
             last[row] = out[row]
@@ -531,12 +531,15 @@ def config_differences(reference: Config, tested: Config, fields: Sequence[str])
 def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | None = None,
           prompts: str | Path | None = None, decode_steps: int = DECODE_STEPS, atol: float | None = None,
           rtol: float | None = None, kl: float | None = None, threads: int | None = None,
+          device: torch.device | str | None = None, dtype: str = "bf16",
           progress: Callable[[str], None] | None = None) -> Report:
     """`sc2deploy parity`: open the reference and the runtime for `folder`, run the suite, return the report.
 
     `folder` is the artifact (ort), the engine folder (trt) or a checkpoint folder (eager: a second set of
     weights checked against --checkpoint, or against itself). The reference is fp32 eager on the weights of
-    `checkpoint`, else those the folder's manifest names (source checkpoint or random seed).
+    `checkpoint`, else those the folder's manifest names (source checkpoint or random seed), on the CPU.
+    cuda: the GPU runtime on the checkpoint folder, in `dtype`. `device`: where an eager or cuda runtime under
+    test runs (default: cpu for eager, cuda for cuda).
     """
     from sc2deploy.checkpoint import CheckpointSource
     from sc2deploy.runtime import BACKENDS, open_runtime
@@ -545,9 +548,10 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not folder.is_dir():
-        made_by = {"ort": "`sc2deploy export --target ort`", "trt": "`sc2deploy build`", "eager": "a checkpoint"}
+        made_by = {"ort": "`sc2deploy export --target ort`", "trt": "`sc2deploy build`", "eager": "a checkpoint",
+                   "cuda": "a checkpoint"}
         raise UserError(f"{folder} is not a folder; give the {backend} folder to check (made by {made_by[backend]})")
-    if backend == "eager":
+    if backend in ("eager", "cuda"):
         tested_source = CheckpointSource(folder)
         source = CheckpointSource(checkpoint) if checkpoint else tested_source
     else:
@@ -567,10 +571,12 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
 
     from sc2deploy.runtime.eager import EagerRuntime
 
-    options: dict = {"threads": threads} if threads and backend != "eager" else {}
+    options: dict = {"threads": threads} if threads and backend not in ("eager", "cuda") else {}
     runtime: Runtime  # opened first: it is the part most likely to refuse
     if backend == "eager":
-        runtime = EagerRuntime(tested_source, dtype="fp32", max_batch=slots)
+        runtime = EagerRuntime(tested_source, dtype="fp32", max_batch=slots, device=device or "cpu")
+    elif backend == "cuda":
+        runtime = open_runtime("cuda", source=tested_source, dtype=dtype, max_batch=slots, device=device)
     else:
         try:
             runtime = open_runtime(backend, artifact=folder, engine=folder, max_batch=slots, **options)

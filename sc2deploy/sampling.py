@@ -45,11 +45,16 @@ class Sampler:
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
+        self.generator: torch.Generator | None = None  # made on the device of the first logits sampled
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()
+        return self.generator
 
     def __call__(self, logits: Tensor) -> int:
         p = self.params
@@ -66,12 +71,12 @@ class Sampler:
             drop[0] = False  # (even when a tiny top_p rounds to 0 in float32)
             scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
         probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(torch.multinomial(probs, 1, generator=self._generator(probs.device)))
 
 
 def top_logprobs(logits: Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
     """Log-probability of `token` and the `n` most likely tokens with theirs."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = torch.topk(logp, n) if n > 0 else None
-    pairs = [(int(i), float(v)) for v, i in zip(top.values, top.indices)] if top is not None else []
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
     return float(logp[token]), pairs

@@ -97,6 +97,40 @@ def test_corrupt_and_misshaped_checkpoints(tiny_checkpoint, tmp_path, capsys):
     assert code == 2 and "config.json" in err
 
 
+def test_device_cpu(tiny_checkpoint, capsys):
+    from sc2deploy.cli import build_parser
+    from sc2deploy.commands.serve import open_model
+
+    code, out, _ = run_cli(["generate", "--checkpoint", tiny_checkpoint, "--prompt", "x", "--max-new-tokens", "2",
+                            "--device", "cpu", "--json"], capsys)
+    assert code == 0 and json.loads(out)["output_ids"]
+    code, out, _ = run_cli(["parity", tiny_checkpoint, "--backend", "eager", "--device", "cpu", "--decode-steps", "2",
+                            "--json"], capsys)
+    assert code == 0 and json.loads(out)["passed"]
+    runtime = open_model(build_parser().parse_args(["serve", "--size", "tiny", "--device", "cpu", "--max-batch", "1"]))[0]
+    assert runtime.device.type == "cpu"
+
+
+DEVICE_COMMANDS = {"generate": ["generate", "--size", "tiny", "--prompt", "x"],
+                   "parity": ["parity", "{checkpoint}", "--backend", "eager"],
+                   "serve": ["serve", "--size", "tiny", "--port", "0"]}
+
+
+@pytest.mark.parametrize("device", ["cuda", "foo"])
+@pytest.mark.parametrize("command", sorted(DEVICE_COMMANDS))
+def test_unusable_device_is_a_one_line_error(command, device, tiny_checkpoint, capsys):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if command == "serve":
+        pytest.importorskip("grpc_health")
+    args = [a.format(checkpoint=tiny_checkpoint) for a in DEVICE_COMMANDS[command]]
+    code, out, err = run_cli(args + ["--device", device], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"sc2deploy {command}: error: ") and err.count("\n") == 1 and "--device" in err, err
+
+
 def test_console_script_invalid_utf8_and_help():
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
     exe = [sys.executable, "-m", "sc2deploy.cli"]

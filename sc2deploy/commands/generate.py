@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 
 from sc2deploy.checkpoint import open_source
-from sc2deploy.commands.common import add_dtype, add_weights, check_choice, notice, positive_int, print_json
+from sc2deploy.commands.common import (add_device, add_dtype, add_weights, check_choice, notice, positive_int,
+                                       print_json, resolve_device)
 from sc2deploy.errors import UserError
 from sc2deploy.generation import check_fits, generate
 from sc2deploy.runtime import BACKENDS, open_runtime
@@ -25,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--engine", metavar="DIR", help="TensorRT engine folder (for --backend trt)")
     p.add_argument("--backend", default="eager", metavar="NAME", help=f"runtime: {', '.join(BACKENDS)} (default eager)")
     add_dtype(p)
+    add_device(p)
     prompt = p.add_argument_group("prompt (one of)")
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text")
     prompt.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
@@ -66,6 +68,7 @@ def prompt_ids(args, tokenizer: Tokenizer) -> list[int]:
 
 def run(args) -> int:
     check_choice(args.backend, BACKENDS, "backend")
+    device = resolve_device(args.device, args.backend)
     if args.backend == "trt":
         from sc2deploy.plugins.trt_env import require_tensorrt
 
@@ -74,12 +77,15 @@ def run(args) -> int:
         raise UserError("--greedy and --temperature > 0 contradict each other; give one")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(validate_text(s, "--stop") for s in args.stop))
-    source = open_source(args.checkpoint, args.size, args.weights_seed, notice) if args.backend == "eager" else None
+    on_weights = args.backend in ("eager", "cuda")
+    source = open_source(args.checkpoint, args.size, args.weights_seed, notice) if on_weights else None
     tokenizer = Tokenizer.load(args.checkpoint or args.artifact or args.engine)
     ids = prompt_ids(args, tokenizer)
     if source is not None:
         check_fits(len(ids), params.max_new_tokens, source.config.max_position_embeddings)
-    options = {"threads": args.threads} if args.threads else {}
+    options: dict = {"threads": args.threads} if args.threads else {}
+    if on_weights:
+        options["device"] = device
     runtime = open_runtime(args.backend, source=source, artifact=args.artifact, engine=args.engine, dtype=args.dtype,
                            capacity=len(ids) + params.max_new_tokens, **options)
     stop_ids = tokenizer.fim_stop_token_ids if args.fim_prefix is not None else tokenizer.stop_token_ids

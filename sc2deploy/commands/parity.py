@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sc2deploy.commands.common import check_choice, notice, positive_int, print_json
+from sc2deploy.commands.common import add_device, check_choice, notice, positive_int, print_json, resolve_device
 from sc2deploy.parity import DECODE_STEPS, DEFAULT_TOLERANCES
 
 
@@ -45,7 +45,8 @@ def epilog() -> str:
             "examples:\n"
             "  sc2deploy export --size tiny --out out/tiny-ort && sc2deploy parity out/tiny-ort\n"
             "  sc2deploy parity out/15b-ort --checkpoint ckpt/starcoder2-15b --json\n"
-            "  sc2deploy parity out/15b-engine --backend trt --prompts my-prompts.jsonl")
+            "  sc2deploy parity out/15b-engine --backend trt --prompts my-prompts.jsonl\n"
+            "  sc2deploy parity ckpt/starcoder2-3b --backend cuda --dtype bf16   # a GPU host")
 
 
 def register(subparsers) -> None:
@@ -54,10 +55,12 @@ def register(subparsers) -> None:
         description=DESCRIPTION, epilog=epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", metavar="DIR",
                    help="what to check: the export artifact (--backend ort), the engine folder (trt), "
-                        "or a checkpoint folder (eager)")
+                        "or a checkpoint folder (eager, cuda)")
     p.add_argument("--checkpoint", metavar="DIR",
                    help="reference weights (default: what the folder's sc2deploy.json records)")
-    p.add_argument("--backend", default="ort", metavar="NAME", help="runtime under test: ort, trt or eager (default ort)")
+    p.add_argument("--backend", default="ort", metavar="NAME",
+                   help="runtime under test: ort, trt, cuda (the GPU runtime, on a checkpoint folder) or eager "
+                        "(default ort)")
     p.add_argument("--prompts", metavar="FILE",
                    help='extra cases, JSONL: {"prompt": TEXT} or {"fim_prefix": TEXT, "fim_suffix": TEXT} per '
                         'line, optional "name" and "max_new_tokens" (default 8)')
@@ -68,6 +71,9 @@ def register(subparsers) -> None:
                    help="logit tolerance relative to the position's largest |logit| (default by dtype)")
     p.add_argument("--kl", type=non_negative_float, metavar="X", help="largest KL divergence allowed (default by dtype)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads (default: all)")
+    add_device(p)
+    p.add_argument("--dtype", default="bf16", metavar="DTYPE",
+                   help="weights and activations of the cuda runtime under test: bf16, fp16 or fp32 (default bf16)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: passed, backend, dtype, reference, tolerances, cases, notes")
     p.set_defaults(func=run)
@@ -76,11 +82,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from sc2deploy.parity import check, format_table
 
-    check_choice(args.backend, ("ort", "trt", "eager"), "backend")
+    check_choice(args.backend, ("ort", "trt", "eager", "cuda"), "backend")
+    device = resolve_device(args.device, args.backend)
     progress = notice if sys.stderr.isatty() else None
     report = check(args.folder, backend=args.backend, checkpoint=args.checkpoint, prompts=args.prompts,
                    decode_steps=args.decode_steps, atol=args.atol, rtol=args.rtol, kl=args.kl,
-                   threads=args.threads, progress=progress)
+                   threads=args.threads, device=device, dtype=args.dtype, progress=progress)
     if args.json:
         print_json(report.to_dict())
     else:

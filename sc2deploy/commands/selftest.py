@@ -168,33 +168,18 @@ def eager_decode_part(quick: bool, size: str = "15b", batch_sizes: tuple[int, ..
     """Decode tokens/s of the eager reference model in bf16 with random weights made on the GPU."""
     import torch
 
-    from sc2deploy.attention import rope_cache
+    from sc2deploy.checkpoint import random_model
     from sc2deploy.config import preset
-    from sc2deploy.model import Starcoder2
 
     config = preset(size)
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    with torch.device("meta"):
-        model = Starcoder2(config).to(torch.bfloat16)  # meta: no memory; then 32 GB allocated once, on the GPU
-    model = model.to_empty(device=device).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    cos, sin = rope_cache(config.head_dim, config.rope_theta, config.max_position_embeddings)
-    model.cos_cache, model.sin_cache = cos.to(device), sin.to(device)
+    model = random_model(config, "bf16", device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     capacity = config.cache_positions()
     results = []
     for batch in batch_sizes[:1] if quick else batch_sizes:
-        shape = (batch, config.num_key_value_heads, capacity, config.head_dim)
-        cache = [(torch.zeros(shape, dtype=torch.bfloat16, device=device),
-                  torch.zeros(shape, dtype=torch.bfloat16, device=device)) for _ in range(config.num_hidden_layers)]
+        cache = model.empty_cache(batch, capacity)
         ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device, generator=gen)
         with torch.inference_mode():
             logits, cache = model(ids, torch.ones_like(ids), cache)

@@ -8,7 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
-from sc2deploy.commands.common import add_dtype, add_weights, check_choice, notice, positive_int
+from sc2deploy.commands.common import (add_device, add_dtype, add_weights, check_choice, notice, positive_int,
+                                       resolve_device)
 from sc2deploy.errors import UserError
 from sc2deploy.runtime import BACKENDS
 
@@ -32,10 +33,11 @@ def register(subparsers) -> None:
                     "cache slots); up to --max-queue more wait for a slot, beyond that requests are refused with "
                     "RESOURCE_EXHAUSTED. On SIGTERM the server reports NOT_SERVING, stops accepting, lets "
                     "in-flight requests finish for --grace seconds, then exits 0. The weights come from an "
-                    "export --artifact (ort), an --engine (trt), a --checkpoint or a --size preset (eager, "
+                    "export --artifact (ort), an --engine (trt), a --checkpoint or a --size preset (eager and cuda, "
                     "random weights).",
         epilog="examples:\n"
                "  sc2deploy serve --size tiny --backend eager --port 50051\n"
+               "  sc2deploy serve --checkpoint ckpt/starcoder2-15b --backend cuda --dtype bf16 --max-batch 32\n"
                "  sc2deploy serve --artifact out/3b-ort --backend ort --max-batch 16 --metrics-port 9090 \\\n"
                "      --tls-cert server.crt --tls-key server.key --api-key-file keys.txt\n"
                "then: sc2deploy complete --server localhost:50051 'def fib(n):'",
@@ -48,6 +50,7 @@ def register(subparsers) -> None:
                          help=f"runtime: {', '.join(BACKENDS)} (default: ort with --artifact, trt with --engine, "
                               "else eager)")
     add_dtype(weights)
+    add_device(weights)
     weights.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of the runtime (default: all)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; [::] for IPv6)")
@@ -91,9 +94,11 @@ def open_model(args):
 
     backend = args.backend or ("ort" if args.artifact else "trt" if args.engine else "eager")
     check_choice(backend, BACKENDS, "backend")
-    folder = args.checkpoint if backend == "eager" else args.artifact if backend == "ort" else args.engine
+    device = resolve_device(args.device, backend)
+    on_weights = backend in ("eager", "cuda")
+    folder = args.checkpoint if on_weights else args.artifact if backend == "ort" else args.engine
     source = None
-    if backend == "eager":
+    if on_weights:
         source = open_source(args.checkpoint, args.size, args.weights_seed, notice)
         config = source.config
         where = args.checkpoint or f"--size {args.size} (random weights, seed {args.weights_seed})"
@@ -103,9 +108,9 @@ def open_model(args):
         config = Config.load(folder) if (Path(folder) / "config.json").is_file() else None
         where = folder
     capacity = config.cache_positions(args.context) if config is not None else None
-    options = {"threads": args.threads} if args.threads else {}
-    if backend == "eager":
-        options["dtype"] = args.dtype
+    options: dict = {"threads": args.threads} if args.threads else {}
+    if on_weights:
+        options.update(dtype=args.dtype, device=device)
     runtime = open_runtime(backend, source=source, artifact=args.artifact, engine=args.engine,
                            max_batch=args.max_batch, capacity=capacity, **options)
     return runtime, Tokenizer.load(folder), where
