@@ -154,7 +154,7 @@ class CudaRuntime(Runtime):
         bucket = next(b for b in sorted(self._splits) if b >= n) if self.graphs else n
         pad = bucket - n
         step = torch.tensor([list(token_ids) + [0] * pad, list(slots) + [self._scratch] * pad,
-                             [self._lengths[s] for s in slots] + [0] * pad], dtype=torch.int32)
+                             [self._lengths[s] for s in slots] + [0] * pad], dtype=torch.int32, device="cpu")
         self._step[:, :bucket].copy_(step)
         if self.graphs:
             graph, logits = self._graphs[bucket]
