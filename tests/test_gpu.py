@@ -30,13 +30,13 @@ def native():
 def test_flash_decode_at_15b_shapes(dtype, batch, past):
     native()
     from sc2deploy.plugins.gpu_check import make_inputs
-    from sc2deploy.plugins.triton_decode import decode_attention, split_count
+    from sc2deploy.plugins.triton_decode import decode_attention, sm_count, split_count
 
     args = make_inputs(batch=batch, seq_len=1, num_heads=NQ, kv_heads=NKV, head_dim=H, capacity=W, window=W,
                        dtype=dtype, device="cuda", past=[past] * batch)
     ref, ref_k, ref_v = sliding_window_gqa_reference(**args)
     k_cache, v_cache = args["past_key"].clone(), args["past_value"].clone()
-    splits = split_count(batch, NKV, W - 1, torch.cuda.get_device_properties(0).multi_processor_count)
+    splits = split_count(batch, NKV, W - 1, sm_count(torch.device("cuda")))
     out = decode_attention(args["query"][:, 0], args["key"][:, 0], args["value"][:, 0], k_cache, v_cache,
                            torch.arange(batch, dtype=torch.int32, device="cuda"), args["seqlens_k"],
                            args["cos_cache"].contiguous(), args["sin_cache"].contiguous(), NQ, NKV, W, H**-0.5,

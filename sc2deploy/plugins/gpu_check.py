@@ -281,13 +281,12 @@ def _decode_case(tk: Any, device: torch.device, dtype: torch.dtype, batch: int, 
 def _flash_decode(inputs: dict[str, Any], ref: Tensor, ref_k: Tensor, ref_v: Tensor, device: torch.device,
                   iters: int) -> dict[str, Any]:
     """Error and time (CUDA graph) of the cuda runtime's decode attention (triton_decode) on a decode case."""
-    from sc2deploy.plugins.triton_decode import decode_attention, split_count
+    from sc2deploy.plugins.triton_decode import decode_attention, sm_count, split_count
 
     batch, _, _ = inputs["query"].shape
     kv_heads, window = inputs["kv_num_heads"], inputs["local_window_size"]
     capacity = inputs["past_key"].shape[2]
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = split_count(batch, kv_heads, min(window - 1, capacity) if window > 0 else capacity, sms)
+    splits = split_count(batch, kv_heads, min(window - 1, capacity) if window > 0 else capacity, sm_count(device))
     k_cache, v_cache = inputs["past_key"].clone(), inputs["past_value"].clone()
     rows = torch.arange(batch, dtype=torch.int32, device=device)
     positions = inputs["seqlens_k"].to(torch.int32)

@@ -38,11 +38,19 @@ from torch import Tensor
 
 from sc2deploy.plugins.triton_kernel import INTERPRET, _attend, _cast, _load_rotated
 
-__all__ = ["BLOCK_N", "SPLIT_WARPS", "decode_attention", "split_count"]
+__all__ = ["BLOCK_N", "SPLIT_WARPS", "decode_attention", "sm_count", "split_count"]
 
 BLOCK_N = 64  # keys per block
 SPLIT_WARPS = 8  # with BLOCK_N 64 at 15b shapes: 183 registers, no spills (ptxas, sm_90); 4 warps spill
 PROGRAMS_PER_SM = 2  # split so that B * Nkv * splits reaches this many programs per SM
+INTERPRETER_SM_COUNT = 4  # on CPU (the interpreter): a few splits, so that splitting is exercised
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors that decode splits are sized for on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SM_COUNT
 
 
 def split_count(batch: int, kv_heads: int, max_keys: int, sm_count: int, block_n: int = BLOCK_N) -> int:

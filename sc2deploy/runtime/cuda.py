@@ -36,7 +36,6 @@ from sc2deploy.model import Attention, DecoderLayer, Starcoder2
 from sc2deploy.runtime.base import Runtime
 
 DTYPES = tuple(DTYPE_BYTES)
-INTERPRETER_SM_COUNT = 4  # decode splits under the Triton interpreter: a few, so that splitting is exercised
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -214,13 +213,11 @@ class CudaRuntime(Runtime):
         return x
 
     def _split_count(self, batch: int) -> int:
-        from sc2deploy.plugins.triton_decode import split_count
+        from sc2deploy.plugins.triton_decode import sm_count, split_count
 
         c = self.config
         max_keys = min(c.sliding_window - 1, self.capacity) if c.sliding_window else self.capacity
-        sms = (torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda"
-               else INTERPRETER_SM_COUNT)
-        return split_count(batch, c.num_key_value_heads, max_keys, sms)
+        return split_count(batch, c.num_key_value_heads, max_keys, sm_count(self.device))
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
