@@ -12,6 +12,7 @@ those encodings (and equal Hugging Face's encoding of the prompt string when the
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -22,6 +23,15 @@ from sc2deploy.errors import UserError
 EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"
 FIM_PAD, REPO_NAME, FILE_SEP = "<fim_pad>", "<repo_name>", "<file_sep>"
 REPLACEMENT = "\ufffd"
+# A newline after a printable ASCII character starts a pre-token of StarCoder2's pre-tokenizer (Digits, then
+# the GPT-2 regex) whatever follows: text cut before it encodes to the concatenation of its parts' encodings.
+# (Not after a newline: a whitespace run at the very end of a text is one pre-token, inside it may be two.)
+_CUT = re.compile(r"(?<=[!-~])\n")
+_CHUNK_CHARS = 1 << 16
+
+
+class PromptTooLong(UserError):
+    """More tokens than the caller's limit; raised before the whole text is tokenized."""
 
 
 def packaged_tokenizer_path() -> Path:
@@ -110,6 +120,9 @@ class Tokenizer:
         self.fim_suffix_id, self.fim_pad_id = self._control[FIM_SUFFIX], self._control[FIM_PAD]
         self.repo_name_id, self.file_sep_id = self._control[REPO_NAME], self._control[FILE_SEP]
         self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
+        # Bounds the bytes any token covers (byte-level BPE spells each byte with one character; UTF-8 may
+        # take two bytes for that character, which only loosens the bound).
+        self.max_token_bytes = max(len(token.encode("utf-8")) for token in hf.get_vocab(with_added_tokens=False))
         self.special_ids = frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
         self.stop_token_ids = frozenset({self.eos_id, self.file_sep_id, self.fim_pad_id})
         # In a FIM completion, any other FIM/repo control token also means the middle is over.
@@ -139,9 +152,31 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
-        """Token ids, no special tokens added. Special-token strings in `text` stay text unless `parse_special`."""
-        return (self._tok if parse_special else self._plain).encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, parse_special: bool = False, limit: int | None = None,
+               chunk_chars: int = _CHUNK_CHARS) -> list[int]:
+        """Token ids, no special tokens added. Special-token strings in `text` stay text unless `parse_special`.
+
+        With `limit`, raises PromptTooLong as soon as the text surely has more than `limit` tokens: at once
+        when its UTF-8 bytes exceed `limit` tokens of the longest kind, else after encoding the pieces (cut at
+        pre-token boundaries, about `chunk_chars` each) that pass the limit. The GIL is released while the
+        library encodes (`encode_batch`; `encode` holds it), so other threads keep running.
+        """
+        tok = self._tok if parse_special else self._plain
+        if limit is None:
+            return tok.encode_batch([text], add_special_tokens=False)[0].ids
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit * self.max_token_bytes:
+            raise PromptTooLong(f"the prompt ({size} bytes) holds more than {limit} tokens")
+        ids: list[int] = []
+        start = 0
+        while start < len(text):
+            cut = _CUT.search(text, start + max(chunk_chars, 1)) if start + chunk_chars < len(text) else None
+            end = cut.start() if cut else len(text)
+            ids += tok.encode_batch([text[start:end]], add_special_tokens=False)[0].ids
+            if len(ids) > limit:
+                raise PromptTooLong(f"the prompt holds more than {limit} tokens")
+            start = end
+        return ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         ids = list(ids)
@@ -149,16 +184,26 @@ class Tokenizer:
             raise ValueError(f"token id out of range [0, {self.vocab_size}): {min(ids)}..{max(ids)}")
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def fim_prompt_ids(self, prefix: str, suffix: str) -> list[int]:
-        return ([self.fim_prefix_id] + self.encode(prefix) + [self.fim_suffix_id] + self.encode(suffix)
-                + [self.fim_middle_id])
+    def fim_prompt_ids(self, prefix: str, suffix: str, *, limit: int | None = None) -> list[int]:
+        return self._join([("special", FIM_PREFIX), ("text", prefix), ("special", FIM_SUFFIX), ("text", suffix),
+                           ("special", FIM_MIDDLE)], limit)
 
     def repo_prompt_ids(self, repo_name: str | None, files: Sequence[tuple[str, str]], *,
-                        suffix: str | None = None) -> list[int]:
+                        suffix: str | None = None, limit: int | None = None) -> list[int]:
         """Ids of `repo_prompt(repo_name, files, suffix=suffix)`, user text never parsed for control tokens."""
+        return self._join(_repo_parts(repo_name, files, suffix), limit)
+
+    def _join(self, parts: Iterable[tuple[str, str]], limit: int | None) -> list[int]:
+        """Ids of ("special", token) / ("text", text) parts; PromptTooLong past `limit` tokens (see encode)."""
         ids: list[int] = []
-        for kind, text in _repo_parts(repo_name, files, suffix):
-            ids += [self._control[text]] if kind == "special" else self.encode(text)
+        for kind, text in parts:
+            left = None if limit is None else limit - len(ids)
+            if kind == "special":
+                ids.append(self._control[text])
+            else:
+                ids += self.encode(text, limit=left)
+            if limit is not None and len(ids) > limit:
+                raise PromptTooLong(f"the prompt holds more than {limit} tokens")
         return ids
 
     def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -53,7 +54,9 @@ def register(subparsers) -> None:
     add_device(weights)
     weights.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of the runtime (default: all)")
     net = p.add_argument_group("network")
-    net.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; [::] for IPv6)")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 or [::] for every "
+                          "interface, e.g. in a container)")
     net.add_argument("--port", type=non_negative_int, default=50051,
                      help="port (default 50051; 0 picks a free one, printed on stderr)")
     net.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain; with --tls-key, serve TLS only")
@@ -62,7 +65,12 @@ def register(subparsers) -> None:
                      help="require an API key (one accepted key per line); clients send `authorization: Bearer KEY` "
                           "or `x-api-key: KEY`; the health service stays open")
     net.add_argument("--metrics-port", type=non_negative_int, metavar="N",
-                     help="serve Prometheus metrics on http://HOST:N/metrics")
+                     help="serve Prometheus metrics on http(s)://HOST:N/metrics, with the same TLS and API key as "
+                          "the gRPC port")
+    net.add_argument("--metrics-host", metavar="HOST", help="address of the metrics endpoint (default: --host)")
+    net.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="how long a call may take to send its request message before DEADLINE_EXCEEDED "
+                          "(default 30)")
     net.add_argument("--max-message-mb", type=positive_int, default=4, metavar="MB",
                      help="largest request or response message (default 4 MiB)")
     sched = p.add_argument_group("batching and limits")
@@ -124,21 +132,30 @@ def run(args) -> int:
         import prometheus_client  # noqa: F401
     except ImportError as e:
         raise UserError(f"serving needs the `serve` extra ({e.name} is missing): pip install 'sc2deploy[serve]'")
-    from sc2deploy.serving.auth import read_api_keys
+    from sc2deploy.serving.auth import read_api_keys, server_ssl_context
     from sc2deploy.serving.server import CompletionServer, ServerOptions
 
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UserError("--tls-cert and --tls-key go together")
-    if args.grace < 0:
-        raise UserError(f"--grace must be >= 0 seconds, got {args.grace}")
+    if not 0 <= args.grace < float("inf"):
+        raise UserError(f"--grace must be a number of seconds >= 0, got {args.grace}")
+    if not 0 < args.read_timeout < float("inf"):
+        raise UserError(f"--read-timeout must be a number of seconds > 0, got {args.read_timeout}")
     options = ServerOptions(
         host=args.host, port=args.port, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
         context_length=args.context, default_max_tokens=args.default_max_tokens,
-        max_message_bytes=args.max_message_mb << 20, metrics_port=args.metrics_port,
+        max_message_bytes=args.max_message_mb << 20, read_timeout=args.read_timeout,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         tls_cert=_read(args.tls_cert, "--tls-cert"), tls_key=_read(args.tls_key, "--tls-key"),
         api_keys=read_api_keys(args.api_key_file) if args.api_key_file else None)
+    # Check what can be checked before loading the model (minutes for a large one).
+    if options.tls_cert is not None:
+        server_ssl_context(options.tls_cert, options.tls_key)
+    check_bindable(options.host, options.port, "--port")
+    if options.metrics_port is not None:
+        check_bindable(options.metrics_host or options.host, options.metrics_port, "--metrics-port")
     runtime, tokenizer, where = open_model(args)
     options.source = where
     server = CompletionServer(runtime, tokenizer, options)
@@ -170,3 +187,18 @@ def _read(path: str | None, flag: str) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as e:
         raise UserError(f"cannot read {flag} {path} ({e.strerror})") from None
+
+
+def check_bindable(host: str, port: int, flag: str) -> None:
+    """A UserError now, before the model loads, when `host`:`port` cannot be listened on."""
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+            probe.bind(address)
+    except (OSError, OverflowError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise UserError(f"cannot listen on {host}:{port} ({reason}); choose a free {flag} and a host address of "
+                        f"this machine (--host 127.0.0.1, or 0.0.0.0 for every interface)") from None

@@ -11,7 +11,7 @@ from sc2deploy.errors import UserError
 from sc2deploy.generation import check_fits
 from sc2deploy.sampling import SamplingParams
 from sc2deploy.serving.v1 import completion_pb2 as pb
-from sc2deploy.tokenizer import Tokenizer
+from sc2deploy.tokenizer import PromptTooLong, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,16 @@ def build_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits)
         raise UserError(f"a stop string is longer than {limits.max_stop_chars} characters")
     if not 0 <= request.logprobs <= limits.max_logprobs:
         raise UserError(f"logprobs must be between 0 and {limits.max_logprobs}, got {request.logprobs}")
-    ids = prompt_ids(request, tokenizer)
+    asked = request.max_tokens if request.HasField("max_tokens") else 0
+    if asked >= limits.context_length:
+        raise UserError(f"max_tokens {asked} leaves no room for a prompt in the model's context of "
+                        f"{limits.context_length} tokens; ask for fewer tokens")
+    room = limits.context_length - max(asked, 1)
+    try:  # stops tokenizing once the prompt cannot fit: a 4 MiB prompt is refused after about `room` tokens
+        ids = prompt_ids(request, tokenizer, limit=room)
+    except PromptTooLong as e:
+        raise UserError(f"{e}, more than the model's context of {limits.context_length} tokens leaves beside "
+                        f"max_tokens; shorten the prompt or ask for fewer tokens") from None
     # Unset max_tokens: the default, or what the context leaves after the prompt if that is less.
     max_tokens = (request.max_tokens if request.HasField("max_tokens")
                   else max(1, min(limits.default_max_tokens, limits.context_length - len(ids))))
@@ -53,14 +62,17 @@ def build_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits)
     return Job(ids, params, stop_ids, request.logprobs)
 
 
-def prompt_ids(request: pb.CompleteRequest, tokenizer: Tokenizer) -> list[int]:
-    """The exact prompt: plain, fill-in-the-middle (suffix set), and/or repo-level (file_path set)."""
+def prompt_ids(request: pb.CompleteRequest, tokenizer: Tokenizer, limit: int | None = None) -> list[int]:
+    """The exact prompt: plain, fill-in-the-middle (suffix set), and/or repo-level (file_path set).
+
+    PromptTooLong once it surely has more than `limit` tokens."""
     fim = bool(request.suffix)
     if request.repo_name or request.file_path or request.context_files:
         if not request.file_path:
             raise UserError("repo-level context (repo_name or context_files) needs file_path, the file being completed")
         files = [(f.path, f.content) for f in request.context_files] + [(request.file_path, request.prompt)]
-        return tokenizer.repo_prompt_ids(request.repo_name or None, files, suffix=request.suffix if fim else None)
+        return tokenizer.repo_prompt_ids(request.repo_name or None, files, suffix=request.suffix if fim else None,
+                                         limit=limit)
     if fim:
-        return tokenizer.fim_prompt_ids(request.prompt, request.suffix)
-    return tokenizer.encode(request.prompt)
+        return tokenizer.fim_prompt_ids(request.prompt, request.suffix, limit=limit)
+    return tokenizer.encode(request.prompt, limit=limit)

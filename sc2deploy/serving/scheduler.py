@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sc2deploy.generation import FINISH_CANCELLED, FINISH_STOP, Sequence
@@ -73,6 +74,12 @@ class Request:
     cancelled: bool = False  # set by any thread; read by the engine each iteration
     sent_ids: int = 0
     sent_logprobs: int = 0
+    on_event: Callable[[], None] | None = None  # called (on the engine thread) after each new event
+
+    def emit(self, event: Step | Finished) -> None:
+        self.events.put(event)
+        if self.on_event is not None:
+            self.on_event()
 
     def cancel(self) -> None:
         """Stop this generation (client gone); the engine frees its slot before its next decode step."""
@@ -82,8 +89,9 @@ class Request:
         return self.deadline is not None and now >= self.deadline
 
     def next_event(self, timeout: float | None = None) -> Step | Finished | None:
+        """The next event; None when none came within `timeout` seconds (0: do not wait)."""
         try:
-            return self.events.get(timeout=timeout)
+            return self.events.get(block=timeout != 0, timeout=timeout or None)
         except queue.Empty:
             return None
 
@@ -245,7 +253,7 @@ class Scheduler:
         request.last_token_at = now
         self.metrics.tokens.inc(len(ids))
         if text or ids:
-            request.events.put(Step(text, ids, logprobs))
+            request.emit(Step(text, ids, logprobs))
         if seq.done:
             self._finish(request, Finished(seq.finish_reason or "length", self._stop_sequence(seq)))
 
@@ -265,7 +273,7 @@ class Scheduler:
                 heapq.heappush(self._free, request.slot)
             request.slot = None
             self.metrics.running.set(len(self._running))
-        request.events.put(finished)
+        request.emit(finished)
         with self._lock:
             self._busy -= 1
             self._lock.notify_all()

@@ -1,14 +1,25 @@
 """The gRPC completion server: CompletionService, health, reflection, API keys, TLS, limits, metrics.
 
 Status codes: INVALID_ARGUMENT for a request that can never succeed (empty prompt, prompt plus
-max_tokens over the context, bad sampling values, invalid UTF-8), RESOURCE_EXHAUSTED when the queue
-is full (or a message is over the size limit), UNAUTHENTICATED for a missing or wrong API key,
-DEADLINE_EXCEEDED when the client's deadline passes, UNAVAILABLE while shutting down.
+max_tokens over the context, bad sampling values, invalid UTF-8, bytes that are not the message),
+RESOURCE_EXHAUSTED when the queue is full (or a message is over the size limit), UNAUTHENTICATED for a
+missing or wrong API key, DEADLINE_EXCEEDED when the client's deadline passes or its request message does
+not arrive within `read_timeout`, UNAVAILABLE while shutting down.
+
+Every call runs as a coroutine on one asyncio event loop (grpc.aio, in its own thread), not on a thread of
+a pool: a call waiting for its message, an idle stream or a health probe costs a coroutine, so slow or
+idle clients cannot starve health checks or other callers. A call without a valid key is refused from its
+metadata before its message is read. Prompts are tokenized on a small thread pool (the tokenizer releases
+the GIL), and a prompt that cannot fit the context is refused before it is tokenized in full. The engine
+thread (Scheduler) wakes a call's coroutine when it has output for it.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import platform
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -22,13 +33,12 @@ from sc2deploy import __version__
 from sc2deploy.config import PRESETS
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
-from sc2deploy.serving.auth import ApiKeyInterceptor
+from sc2deploy.serving.auth import ApiKeyInterceptor, KeyRing, server_ssl_context
 from sc2deploy.serving.jobs import Limits, build_job
 from sc2deploy.serving.metrics import Metrics
 from sc2deploy.serving.scheduler import DEADLINE, Finished, QueueFull, Request, Scheduler, ShuttingDown, Step
 from sc2deploy.serving.v1 import completion_pb2 as pb
-from sc2deploy.serving.v1 import completion_pb2_grpc as pb_grpc
-from sc2deploy.serving.wire import BadRequest, parse_request
+from sc2deploy.serving.wire import BadRequest, parse_model_info_request, parse_request
 from sc2deploy.tokenizer import Tokenizer
 
 log = logging.getLogger("sc2deploy.serving")
@@ -37,105 +47,159 @@ SERVICE = pb.DESCRIPTOR.services_by_name["CompletionService"].full_name  # sc2de
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP,
           "cancelled": pb.FINISH_REASON_CANCELLED}
 MiB = 1 << 20
+DEFAULT_HOST = "127.0.0.1"  # of `serve --host` too: listening on every interface is a choice (--host 0.0.0.0)
 
 
 @dataclass
 class ServerOptions:
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HOST
     port: int = 50051  # 0 picks a free port
     max_queue: int = 64
     prefill_tokens: int = 256
     context_length: int | None = None  # default: the model's max_position_embeddings
     default_max_tokens: int = 128
     max_message_bytes: int = 4 * MiB
+    read_timeout: float = 30.0  # seconds a call may take to deliver its request message
+    max_streams_per_connection: int = 128  # HTTP/2 streams (calls) one connection may hold open
     tls_cert: bytes | None = None  # PEM
     tls_key: bytes | None = None
     api_keys: list[str] | None = None
     metrics_port: int | None = None
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str | None = None  # default: host
     source: str = ""  # where the weights came from, for GetModelInfo
 
 
-class CompletionServicer(pb_grpc.CompletionServiceServicer):
+class CompletionServicer:
+    """The CompletionService's methods, as coroutines on the server's event loop."""
+
     def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, limits: Limits, info: pb.ModelInfo,
-                 metrics: Metrics):
+                 metrics: Metrics, read_timeout: float, max_preparing: int):
         self.scheduler, self.tokenizer, self.limits, self.info, self.metrics = (scheduler, tokenizer, limits, info,
                                                                                metrics)
+        self.read_timeout, self.max_preparing = read_timeout, max_preparing
+        self.preparing = 0  # requests being tokenized; touched on the event loop only
+        self.tokenize_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sc2deploy-tokenize")
 
-    def GetModelInfo(self, request, context):
-        self.metrics.requests.labels("GetModelInfo", "OK").inc()
+    async def GetModelInfo(self, request, context):
+        if isinstance(request, BadRequest):
+            await self._abort(context, "GetModelInfo", grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        self._count("GetModelInfo", "OK")
         return self.info
 
-    def Complete(self, request, context):
+    async def Complete(self, requests, context):
         texts, ids, logprobs = [], [], []
-        for event in self._run("Complete", request, context):
-            if isinstance(event, Step):
-                texts.append(event.text)
-                ids += event.token_ids
-                logprobs += event.logprobs
-            else:
-                return pb.CompleteResponse(text="".join(texts), token_ids=ids, finish_reason=FINISH[event.reason],
-                                           stop_sequence=event.stop_sequence, usage=_usage(event),
-                                           logprobs=[_logprob(x) for x in logprobs])
-        return pb.CompleteResponse()  # the client went away; nobody reads this
+        async with contextlib.aclosing(self._run("Complete", requests, context)) as events:
+            async for event in events:
+                if isinstance(event, Step):
+                    texts.append(event.text)
+                    ids += event.token_ids
+                    logprobs += event.logprobs
+                else:
+                    return pb.CompleteResponse(text="".join(texts), token_ids=ids, finish_reason=FINISH[event.reason],
+                                               stop_sequence=event.stop_sequence, usage=_usage(event),
+                                               logprobs=[_logprob(x) for x in logprobs])
+        return pb.CompleteResponse()  # not reached: _run ends with a Finished or raises
 
-    def CompleteStream(self, request, context):
-        for event in self._run("CompleteStream", request, context):
-            if isinstance(event, Step):
-                yield pb.CompleteChunk(text=event.text, token_ids=event.token_ids,
-                                       logprobs=[_logprob(x) for x in event.logprobs])
-            else:
-                yield pb.CompleteChunk(finish_reason=FINISH[event.reason], stop_sequence=event.stop_sequence,
-                                       usage=_usage(event))
+    async def CompleteStream(self, requests, context):
+        async with contextlib.aclosing(self._run("CompleteStream", requests, context)) as events:
+            async for event in events:
+                if isinstance(event, Step):
+                    yield pb.CompleteChunk(text=event.text, token_ids=event.token_ids,
+                                           logprobs=[_logprob(x) for x in event.logprobs])
+                else:
+                    yield pb.CompleteChunk(finish_reason=FINISH[event.reason], stop_sequence=event.stop_sequence,
+                                           usage=_usage(event))
 
-    def _run(self, method: str, request, context):
-        """Validate, enqueue, and yield the request's Steps and its final Finished; aborts with the status."""
-        if isinstance(request, BadRequest):
-            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        try:
-            job = build_job(request, self.tokenizer, self.limits)
-        except UserError as e:
-            self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    async def _run(self, method: str, requests, context):
+        """Read, validate, enqueue; yield the request's Steps and its final Finished. Aborts with the status.
+        Each call is counted once, under the status it ends with."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            handle = self.scheduler.submit(job, deadline)
-        except QueueFull as e:
-            self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except ShuttingDown as e:
-            self._abort(context, method, grpc.StatusCode.UNAVAILABLE, str(e))
-        if not context.add_callback(handle.cancel):  # runs when the RPC ends: cancelled, deadline, or done
-            handle.cancel()
-        finished = None
-        try:
-            finished = yield from self._events(handle, context)
-        finally:
-            handle.cancel()  # a no-op once finished; frees the slot if the client went away mid-stream
-            if finished is None:  # the RPC ended first: gRPC closed this generator
-                self.metrics.requests.labels(method, "CANCELLED").inc()
+            request = await self._read(method, context)
+            if isinstance(request, BadRequest):
+                await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            job = await self._prepare(method, request, context)
+            try:
+                handle = self.scheduler.submit(job, deadline)
+            except QueueFull as e:
+                await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except ShuttingDown as e:
+                await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, str(e))
+            try:
+                async for event in _events(handle):
+                    if isinstance(event, Finished):
+                        finished = event
+                        break
+                    yield event
+            finally:
+                handle.cancel()  # a no-op once finished; frees the slot if the client went away mid-stream
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
+            expired = deadline is not None and time.monotonic() >= deadline - 0.01
+            self._count(method, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            raise
         if finished.reason == DEADLINE:
-            self._abort(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"the deadline passed after {finished.completion_tokens} tokens")
+            await self._abort(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"the deadline passed after {finished.completion_tokens} tokens")
         if finished.reason == "error":
-            self._abort(context, method, grpc.StatusCode.INTERNAL, finished.error)
-        code = "CANCELLED" if finished.reason == "cancelled" and not context.is_active() else "OK"
-        self.metrics.requests.labels(method, code).inc()
+            await self._abort(context, method, grpc.StatusCode.INTERNAL, finished.error)
+        self._count(method, "OK")
         yield finished
 
-    def _events(self, handle: Request, context):
-        while True:
-            event = handle.next_event(timeout=1.0)
-            if event is None:
-                if not context.is_active():
-                    handle.cancel()
-                continue
-            if isinstance(event, Finished):
-                return event
-            yield event
+    async def _read(self, method: str, context):
+        """The call's one request message, if it arrives within read_timeout seconds."""
+        try:
+            request = await asyncio.wait_for(context.read(), self.read_timeout)
+        except asyncio.TimeoutError:
+            await self._abort(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no request message within {self.read_timeout:g} s")
+        if request is grpc.aio.EOF:
+            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+        return request
 
-    def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
-        self.metrics.requests.labels(method, code.name).inc()
-        context.abort(code, message)
+    async def _prepare(self, method: str, request, context):
+        """The request's Job, built off the event loop; a bounded number at a time."""
+        if self.preparing >= self.max_preparing:
+            await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self.preparing} requests are being prepared; retry later")
+        self.preparing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, build_job, request,
+                                                                    self.tokenizer, self.limits)
+        except UserError as e:
+            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self.preparing -= 1
+
+    def _count(self, method: str, code: str) -> None:
+        self.metrics.requests.labels(method, code).inc()
+
+    async def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
+        self._count(method, code.name)
+        await context.abort(code, message)
+
+
+async def _events(handle: Request):
+    """The request's events as the engine thread emits them, waking this coroutine through the event loop."""
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(ready.set)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    handle.on_event = wake
+    while True:
+        ready.clear()
+        event = handle.next_event(0)
+        if event is None:
+            await ready.wait()
+            continue
+        yield event
+        if isinstance(event, Finished):
+            return
 
 
 def _usage(finished: Finished) -> pb.Usage:
@@ -148,16 +212,18 @@ def _logprob(entry) -> pb.TokenLogprob:
 
 
 def _service_handler(servicer: CompletionServicer) -> grpc.GenericRpcHandler:
-    """Like the generated add_..._to_server, but requests are parsed by wire.parse_request."""
+    """The CompletionService's handlers. Complete and CompleteStream take their request as a stream (the wire
+    format is the same as a unary call's) so that the servicer reads it itself, within `read_timeout`, and
+    parses it with wire.parse_request; GetModelInfo parses with wire.parse_model_info_request."""
     handlers = {
-        "Complete": grpc.unary_unary_rpc_method_handler(
+        "Complete": grpc.stream_unary_rpc_method_handler(
             servicer.Complete, request_deserializer=parse_request,
             response_serializer=pb.CompleteResponse.SerializeToString),
-        "CompleteStream": grpc.unary_stream_rpc_method_handler(
+        "CompleteStream": grpc.stream_stream_rpc_method_handler(
             servicer.CompleteStream, request_deserializer=parse_request,
             response_serializer=pb.CompleteChunk.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString,
+            servicer.GetModelInfo, request_deserializer=parse_model_info_request,
             response_serializer=pb.ModelInfo.SerializeToString),
     }
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
@@ -198,70 +264,105 @@ def context_length(runtime: Runtime, requested: int | None) -> int:
 
 
 class CompletionServer:
-    """Owns the scheduler and the grpc.Server; start() binds and returns the port."""
+    """Owns the scheduler and a grpc.aio server on its own event-loop thread; start() binds and returns the port."""
 
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, options: ServerOptions | None = None):
         self.options = options = options or ServerOptions()
         self.runtime = runtime
         self.limits = Limits(context_length=context_length(runtime, options.context_length),
                              default_max_tokens=options.default_max_tokens)
+        self.keys = KeyRing(options.api_keys) if options.api_keys else None
+        self.tls = (server_ssl_context(options.tls_cert, options.tls_key) if options.tls_cert is not None
+                    else None)  # checks the PEM files before anything listens
         self.metrics = Metrics()
         self.scheduler = Scheduler(runtime, tokenizer, max_queue=options.max_queue,
                                    prefill_tokens=options.prefill_tokens, metrics=self.metrics)
         self.info = model_info(runtime, options, self.limits)
-        self.servicer = CompletionServicer(self.scheduler, tokenizer, self.limits, self.info, self.metrics)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
-        # Every generation holds an RPC thread; the pool also covers refusals, health and reflection.
-        workers = runtime.max_batch + options.max_queue + 16
-        interceptors = []
-        if options.api_keys:
-            interceptors.append(ApiKeyInterceptor(options.api_keys, on_reject=lambda method: self.metrics.requests
-                                                  .labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()))
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sc2deploy-rpc"),
-            interceptors=interceptors, maximum_concurrent_rpcs=workers,
-            options=[("grpc.max_receive_message_length", options.max_message_bytes),
-                     ("grpc.max_send_message_length", options.max_message_bytes),
-                     ("grpc.so_reuseport", 0)])
-        self.server.add_generic_rpc_handlers((_service_handler(self.servicer),))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.servicer = CompletionServicer(self.scheduler, tokenizer, self.limits, self.info, self.metrics,
+                                           read_timeout=options.read_timeout,
+                                           max_preparing=runtime.max_batch + options.max_queue)
+        self.health = health.aio.HealthServicer()
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="sc2deploy-grpc", daemon=True)
+        self.server: grpc.aio.Server | None = None
         self.port: int | None = None
-        self._metrics_http: tuple | None = None
+        self.metrics_http = None
         self.metrics_port: int | None = None
+
+    def _call(self, coroutine):
+        """Run `coroutine` on the server's event loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def start(self) -> int:
         o = self.options
-        host = o.host.strip("[]")
-        address = f"[{host}]:{o.port}" if ":" in host else f"{host}:{o.port}"
-        if o.tls_cert is not None:
-            credentials = grpc.ssl_server_credentials([(o.tls_key, o.tls_cert)])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise UserError(f"cannot listen on {address}: the port is taken or the host is not local")
-        if o.metrics_port is not None:
-            http_server, thread = self.metrics.serve(o.metrics_port, o.metrics_host)
-            self._metrics_http = (http_server, thread)
-            self.metrics_port = http_server.server_port
-        self.server.start()
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._loop_thread.start()
+        try:
+            self.port = self._call(self._start())
+            if o.metrics_port is not None:
+                self.metrics_http = self.metrics.serve(o.metrics_port, o.metrics_host or o.host, self.keys, self.tls)
+                self.metrics_port = self.metrics_http.server_port
+        except BaseException:
+            self.stop(0)
+            raise
         log.info("serving %s on %s:%d", SERVICE, o.host, self.port)
         return self.port
 
+    async def _start(self) -> int:
+        o = self.options
+        interceptors = []
+        if self.keys is not None:
+            interceptors.append(ApiKeyInterceptor(self.keys, on_reject=lambda method: self.metrics.requests
+                                                  .labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()))
+        self.server = server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", o.max_message_bytes),
+                     ("grpc.max_send_message_length", o.max_message_bytes),
+                     ("grpc.max_concurrent_streams", o.max_streams_per_connection),
+                     ("grpc.keepalive_time_ms", 60_000),  # ping idle connections: a vanished peer's calls end
+                     ("grpc.keepalive_timeout_ms", 20_000),
+                     ("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((_service_handler(self.servicer),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        host = o.host.strip("[]")
+        address = f"[{host}]:{o.port}" if ":" in host else f"{host}:{o.port}"
+        try:
+            if o.tls_cert is not None:
+                port = server.add_secure_port(address, grpc.ssl_server_credentials([(o.tls_key, o.tls_cert)]))
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise UserError(f"cannot listen on {address}: the port is taken or the host is not an address of this "
+                            f"machine; choose another --port or --host")
+        await server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return port
+
     def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting, let in-flight requests finish for `grace` seconds, cancel the rest, stop."""
-        self.health.enter_graceful_shutdown()
+        """Drain, then stop. Health says NOT_SERVING and new requests get UNAVAILABLE while the port stays open;
+        in-flight requests may finish for `grace` seconds, then the rest end with finish reason CANCELLED."""
+        if self.loop.is_closed():
+            return
+        if self.server is not None:
+            self._call(self.health.enter_graceful_shutdown())
         self.scheduler.close()
-        stopped = self.server.stop(grace)
-        if not self.scheduler.wait_idle(max(grace - 0.5, 0.0)):
+        if not self.scheduler.wait_idle(grace):
             self.scheduler.cancel_all()  # streams still open get a last chunk with finish reason CANCELLED
-            self.scheduler.wait_idle(0.5)
-        stopped.wait(grace + 1.0)
+            self.scheduler.wait_idle(1.0)
+        if self.server is not None:
+            self._call(self.server.stop(1.0))  # the last chunks go out; then the port closes
         self.scheduler.stop()
-        if self._metrics_http is not None:
-            server, _thread = self._metrics_http
-            server.shutdown()
-            server.server_close()
+        self.servicer.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+        if self._loop_thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._loop_thread.join(5.0)
+        if not self.loop.is_running():
+            self.loop.close()
+        else:
+            log.warning("the gRPC event loop did not stop within 5 s")

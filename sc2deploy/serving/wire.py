@@ -73,3 +73,10 @@ def parse_request(data: bytes) -> pb.CompleteRequest | BadRequest:
         except UserError as e:
             return BadRequest(str(e))
     return BadRequest("the request is not a valid sc2deploy.v1.CompleteRequest message")
+
+
+def parse_model_info_request(data: bytes) -> pb.GetModelInfoRequest | BadRequest:
+    try:
+        return pb.GetModelInfoRequest.FromString(data)
+    except DecodeError:
+        return BadRequest("the request is not a valid sc2deploy.v1.GetModelInfoRequest message")
