@@ -27,7 +27,7 @@ REPLACEMENT = "\ufffd"
 # the GPT-2 regex) whatever follows: text cut before it encodes to the concatenation of its parts' encodings.
 # (Not after a newline: a whitespace run at the very end of a text is one pre-token, inside it may be two.)
 _CUT = re.compile(r"(?<=[!-~])\n")
-_CHUNK_CHARS = 1 << 16
+_CHUNK_CHARS, _MIN_CHUNK_CHARS = 1 << 16, 1 << 12
 
 
 class PromptTooLong(UserError):
@@ -153,12 +153,13 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str, *, parse_special: bool = False, limit: int | None = None,
-               chunk_chars: int = _CHUNK_CHARS) -> list[int]:
+               chunk_chars: int | None = None) -> list[int]:
         """Token ids, no special tokens added. Special-token strings in `text` stay text unless `parse_special`.
 
         With `limit`, raises PromptTooLong as soon as the text surely has more than `limit` tokens: at once
         when its UTF-8 bytes exceed `limit` tokens of the longest kind, else after encoding the pieces (cut at
-        pre-token boundaries, about `chunk_chars` each) that pass the limit. The GIL is released while the
+        pre-token boundaries, about `chunk_chars` each: by default four characters per token of the limit,
+        from 4 k to 64 k) that pass the limit. The GIL is released while the
         library encodes (`encode_batch`; `encode` holds it), so other threads keep running.
         """
         tok = self._tok if parse_special else self._plain
@@ -167,6 +168,8 @@ class Tokenizer:
         size = len(text.encode("utf-8", "surrogatepass"))
         if size > limit * self.max_token_bytes:
             raise PromptTooLong(f"the prompt ({size} bytes) holds more than {limit} tokens")
+        if chunk_chars is None:
+            chunk_chars = min(_CHUNK_CHARS, max(_MIN_CHUNK_CHARS, 4 * limit))
         ids: list[int] = []
         start = 0
         while start < len(text):

@@ -47,6 +47,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["CompletionService"].full_name  # sc2de
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS, "stop": pb.FINISH_REASON_STOP,
           "cancelled": pb.FINISH_REASON_CANCELLED}
 MiB = 1 << 20
+REQUEST_OVERHEAD_BYTES = 64 << 10  # stop strings (16 x 256 characters), numbers, tags: what is not prompt text
 DEFAULT_HOST = "127.0.0.1"  # of `serve --host` too: listening on every interface is a choice (--host 0.0.0.0)
 
 
@@ -214,13 +215,21 @@ def _logprob(entry) -> pb.TokenLogprob:
 def _service_handler(servicer: CompletionServicer) -> grpc.GenericRpcHandler:
     """The CompletionService's handlers. Complete and CompleteStream take their request as a stream (the wire
     format is the same as a unary call's) so that the servicer reads it itself, within `read_timeout`, and
-    parses it with wire.parse_request; GetModelInfo parses with wire.parse_model_info_request."""
+    parses it with wire.parse_request; GetModelInfo parses with wire.parse_model_info_request.
+
+    A request message longer than the context's tokens at their longest, plus room for stop strings and field
+    tags, cannot fit: it is refused before it is parsed."""
+    most = servicer.limits.context_length * servicer.tokenizer.max_token_bytes + REQUEST_OVERHEAD_BYTES
+
+    def parse(data: bytes):
+        return parse_request(data, most)
+
     handlers = {
         "Complete": grpc.stream_unary_rpc_method_handler(
-            servicer.Complete, request_deserializer=parse_request,
+            servicer.Complete, request_deserializer=parse,
             response_serializer=pb.CompleteResponse.SerializeToString),
         "CompleteStream": grpc.stream_stream_rpc_method_handler(
-            servicer.CompleteStream, request_deserializer=parse_request,
+            servicer.CompleteStream, request_deserializer=parse,
             response_serializer=pb.CompleteChunk.SerializeToString),
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, request_deserializer=parse_model_info_request,

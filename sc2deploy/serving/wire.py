@@ -52,8 +52,12 @@ class BadRequest:
     reason: str
 
 
-def parse_request(data: bytes) -> pb.CompleteRequest | BadRequest:
-    """Request bytes -> a CompleteRequest, or BadRequest naming the field with invalid UTF-8."""
+def parse_request(data: bytes, max_bytes: int | None = None) -> pb.CompleteRequest | BadRequest:
+    """Request bytes -> a CompleteRequest, or BadRequest naming the field with invalid UTF-8, or saying the
+    message is over `max_bytes` (checked before parsing)."""
+    if max_bytes is not None and len(data) > max_bytes:
+        return BadRequest(f"the request is {len(data)} bytes, more than a prompt that fits the model's context can "
+                          f"be ({max_bytes} bytes); shorten the prompt")
     try:
         return pb.CompleteRequest.FromString(data)
     except DecodeError:
