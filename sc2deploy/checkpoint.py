@@ -21,6 +21,7 @@ from sc2deploy.errors import UserError
 from sc2deploy.staging import staging_folder
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors dtypes read as weights (cast on read); never ints or bools
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 RANDOM_CHUNK = 1 << 22  # elements per independently seeded block of random weights
 INDEX_FILE = "model.safetensors.index.json"
@@ -63,9 +64,11 @@ class CheckpointSource(TensorSource):
         index, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise UserError(f"{index} is corrupt ({e!r}); re-download the checkpoint") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not all(isinstance(f, str) and f == Path(f).name for f in weight_map.values()):
+                    raise ValueError("weight_map must name a file in the folder for each tensor")
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError) as e:
+                raise UserError(f"{index} is corrupt ({str(e)[:200] or type(e).__name__}); re-download the checkpoint") from None
             return {name: self.folder / file for name, file in weight_map.items()}
         if single.is_file():
             return {name: single for name in _safetensors_header(single)}
@@ -87,6 +90,10 @@ class CheckpointSource(TensorSource):
             if tuple(entry["shape"]) != shape:
                 raise UserError(f"tensor {name} in {self._file_of[name].name} has shape {entry['shape']}, "
                                 f"expected {list(shape)} from config.json; the weights and config do not match")
+            if entry["dtype"] not in WEIGHT_DTYPES:
+                raise UserError(f"tensor {name} in {self._file_of[name].name} has dtype {entry['dtype']}; weights "
+                                f"must be floating point ({', '.join(WEIGHT_DTYPES)}): the file is corrupt or not "
+                                "a StarCoder2 checkpoint")
         ignorable: tuple[str, ...] = ("rotary_emb.inv_freq",)
         if self.config.tie_word_embeddings:
             ignorable += ("lm_head.weight",)  # some tied checkpoints still store the head
@@ -120,13 +127,27 @@ def _safetensors_header(path: Path) -> dict:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(f.read(n))
         size = path.stat().st_size
-    except (struct.error, ValueError, UnicodeDecodeError, OSError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        bad = next((name for name, v in header.items() if not _is_header_entry(v)), None)
+        if bad is not None:
+            raise ValueError(f"the header entry of {str(bad)[:100]!r} lacks a dtype, shape or data_offsets")
+    except (struct.error, ValueError, RecursionError, OSError) as e:  # ValueError: JSON and UTF-8 errors too
         raise UserError(f"{path} is not a valid safetensors file ({e}); re-download or rewrite it") from None
-    header.pop("__metadata__", None)
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise UserError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; re-download or rewrite it")
     return header
+
+
+def _is_header_entry(entry: object) -> bool:
+    """{"dtype": str, "shape": [int, ...], "data_offsets": [begin, end]}, as safetensors writes."""
+    def ints(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and ints(entry.get("shape"))
+            and ints(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2)
 
 
 def check_config_matches(found: Config, expected: Config, where: str) -> None:

@@ -1,12 +1,14 @@
 """StarCoder2 configuration: one dataclass, the size presets, Hugging Face config.json I/O.
 
 Every derived number (head_dim, parameter count, bytes per dtype, KV bytes per token) is
-computed here and nowhere else.
+computed here and nowhere else. So is the validation of every field (`Config.__post_init__`),
+which every command meets before anything is allocated: see LIMITS.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,57 @@ from sc2deploy.errors import UserError
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+# Bounds on config values (inclusive), generous for any real model: the largest released dense models
+# have hidden 16384, 126 layers, 128 heads, head_dim 256, 256k vocabularies and 1M-position contexts;
+# StarCoder2-15b has 6144, 40, 48, 128, 49152 and 16384. They exist so that a corrupt or hostile
+# config.json is a one-line error at once instead of a loop or an allocation without bound.
+LIMITS: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "vocab_size": (1, 1 << 22),
+    "max_position_embeddings": (1, 1 << 20),
+    "sliding_window": (1, 1 << 20),  # or null: no window
+    "head_dim": (2, 1024),  # even; config.json's head_dim, or hidden_size / num_attention_heads
+}
+MAX_PARAMETERS = 10**12  # 1T: 2 TB of bf16 weights, 60 times StarCoder2-15b
+MAX_CACHE_VALUES = 10**12  # KV cache values of one full-context sequence (15b without its window: 6.7e8)
+HIDDEN_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few KB
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, low: int, high: int, note: str = "") -> None:
+    """A count or id: a JSON integer (not a bool, float or string) from `low` to `high`."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        raise UserError(f"{name} is {_show(value)}; expected an integer from {low} to {high}" + (f" {note}" if note else ""))
+
+
+def _show(value: object) -> str:
+    """A config value for a one-line message: as JSON, cut short, with its JSON type unless a number or null."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return text if _is_number(value) or value is None else f"{text}, a {_json_type(value)}"
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object",
+             type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _default(value, default):
+    """config.json's value, or `default` when it is absent or null (as transformers reads it)."""
+    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -36,6 +89,27 @@ class Config:
     head_dim_override: int | None = None
 
     def __post_init__(self) -> None:
+        """The one validation of a config, in cheap arithmetic: types, then LIMITS, then how fields relate,
+        then the cost (parameters, KV cache). A UserError names the field, its value and what is expected."""
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+            _check_int(name, getattr(self, name), *LIMITS[name])
+        if self.sliding_window is not None:
+            _check_int("sliding_window", self.sliding_window, *LIMITS["sliding_window"], "or null for no window")
+        if self.head_dim_override is not None:
+            _check_int("head_dim", self.head_dim_override, *LIMITS["head_dim"])
+        for name in ("rope_theta", "norm_epsilon"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise UserError(f"{name} is {_show(value)}; expected a finite number > 0")
+        for name in ("use_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} is {_show(getattr(self, name))}; expected true or false")
+        for name in ("bos_token_id", "eos_token_id"):
+            _check_int(name, getattr(self, name), 0, self.vocab_size - 1, f"(a token id below vocab_size {self.vocab_size})")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise UserError(f"hidden_act is {_show(self.hidden_act)}; expected one of {', '.join(HIDDEN_ACTS)} "
+                            "(StarCoder2 uses gelu_pytorch_tanh)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -43,12 +117,22 @@ class Config:
             )
         if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
             raise UserError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
+                "expected a multiple (or a head_dim entry)"
             )
-        if self.head_dim % 2:
-            raise UserError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.hidden_act not in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-            raise UserError(f"hidden_act={self.hidden_act!r} is not supported; StarCoder2 uses 'gelu_pytorch_tanh'")
+        low, high = LIMITS["head_dim"]
+        if self.head_dim % 2 or not low <= self.head_dim <= high:
+            what = "head_dim" if self.head_dim_override else "head_dim (hidden_size / num_attention_heads)"
+            raise UserError(f"{what} is {self.head_dim}; expected an even integer (rotary embeddings pair "
+                            f"dimensions) from {low} to {high}")
+        if self.num_parameters > MAX_PARAMETERS:
+            raise UserError(f"this config has {self.num_parameters:.3g} parameters, over sc2deploy's bound of "
+                            f"{MAX_PARAMETERS:.0g}; check hidden_size, intermediate_size, num_hidden_layers and vocab_size")
+        cache = self.kv_values_per_token * self.cache_positions()
+        if cache > MAX_CACHE_VALUES:
+            raise UserError(f"one full-context sequence would cache {cache:.3g} key/value numbers, over sc2deploy's "
+                            f"bound of {MAX_CACHE_VALUES:.0g}; check num_hidden_layers, num_key_value_heads, "
+                            "head_dim, sliding_window and max_position_embeddings")
 
     # ---- derived numbers ----
     @property
@@ -97,19 +181,23 @@ class Config:
 
     @property
     def num_parameters(self) -> int:
-        total = 0
-        for shape in self.tensor_shapes().values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        """The number of values in tensor_shapes(), counted without building it."""
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_size, self.kv_size
+        linears = 2 * h * (q + kv) + 2 * h * i  # q, k, v, o; c_fc, c_proj
+        biases = (q + 2 * kv + h + i + h) if self.use_bias else 0
+        norms = 2 * 2 * h  # two layer norms, weight and bias
+        heads = 1 if self.tie_word_embeddings else 2  # embedding, and lm_head unless tied
+        return heads * self.vocab_size * h + self.num_hidden_layers * (linears + biases + norms) + 2 * h
 
     def weight_bytes(self, dtype: str) -> int:
         return self.num_parameters * dtype_bytes(dtype)
 
+    @property
+    def kv_values_per_token(self) -> int:
+        return 2 * self.num_hidden_layers * self.kv_size
+
     def kv_bytes_per_token(self, dtype: str) -> int:
-        return 2 * self.num_hidden_layers * self.kv_size * dtype_bytes(dtype)
+        return self.kv_values_per_token * dtype_bytes(dtype)
 
     def cache_positions(self, context: int | None = None) -> int:
         """Positions a sequence of `context` tokens keeps in a window-bounded KV cache."""
@@ -147,37 +235,49 @@ class Config:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "Config":
+    def from_hf_dict(cls, d: object, source: str = "config.json") -> "Config":
+        """A Config from a parsed config.json; values are passed on as found, for __post_init__ to judge."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source} holds a JSON {_json_type(d)}, not an object; a StarCoder2 config.json is an "
+                            'object such as {"model_type": "starcoder2", "hidden_size": 3072, ...}')
         if d.get("model_type", "starcoder2") != "starcoder2":
-            raise UserError(f"{source}: model_type is {d.get('model_type')!r}, expected 'starcoder2'")
+            raise UserError(f"{source}: model_type is {_show(d.get('model_type'))}, expected \"starcoder2\"")
         required = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"]
         missing = [k for k in required if k not in d]
         if missing:
             raise UserError(f"{source} lacks {', '.join(missing)}; is this a StarCoder2 config.json?")
         rope_theta = d.get("rope_theta")
         if rope_theta is None:  # transformers 5 nests it under rope_parameters
-            rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        eos = d.get("eos_token_id", 0)
-        head_dim = d.get("head_dim")
+            nested = d.get("rope_parameters")
+            rope_theta = nested.get("rope_theta", 10000.0) if isinstance(nested, dict) else 10000.0
+        eos = d.get("eos_token_id")
+        if isinstance(eos, list) and eos:  # several stop ids: the first is the end of text
+            eos = eos[0]
         kwargs = dict(
             hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"],
             num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            rope_theta=float(rope_theta),
+            num_key_value_heads=_default(d.get("num_key_value_heads"), d["num_attention_heads"]),
+            rope_theta=float(rope_theta) if _is_number(rope_theta) else rope_theta,
             vocab_size=d["vocab_size"],
             max_position_embeddings=d.get("max_position_embeddings", 16384),
             sliding_window=d.get("sliding_window"),
             norm_epsilon=d.get("norm_epsilon", 1e-5),
             use_bias=d.get("use_bias", True),
             tie_word_embeddings=d.get("tie_word_embeddings", True),
-            bos_token_id=d.get("bos_token_id") if d.get("bos_token_id") is not None else 0,
-            eos_token_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 0,
+            bos_token_id=_default(d.get("bos_token_id"), 0),
+            eos_token_id=_default(eos, 0),
             hidden_act=d.get("hidden_act", "gelu_pytorch_tanh"),
-            head_dim_override=head_dim if head_dim and head_dim != d["hidden_size"] // d["num_attention_heads"] else None,
+            head_dim_override=d.get("head_dim"),
         )
-        return cls(**kwargs)
+        try:
+            config = cls(**kwargs)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        if config.head_dim_override == config.hidden_size // config.num_attention_heads:
+            config = config.replace(head_dim_override=None)  # transformers 5 writes the derived head_dim
+        return config
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
@@ -187,9 +287,16 @@ class Config:
         if not path.is_file():
             raise UserError(f"{path} does not exist; a Hugging Face checkpoint folder needs a config.json")
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}); re-download or rewrite the checkpoint's config.json")
+            size = path.stat().st_size
+            if size > MAX_CONFIG_BYTES:
+                raise UserError(f"{path} is {size} bytes, over the {MAX_CONFIG_BYTES >> 20} MiB a config.json may have "
+                                "(they are a few KB); is it the checkpoint's config.json?")
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
+            raise UserError(f"{path} is not valid JSON ({str(e)[:200]}); re-download or rewrite the checkpoint's "
+                            "config.json") from None
         return cls.from_hf_dict(d, source=str(path))
 
     def save(self, folder: str | Path) -> None:

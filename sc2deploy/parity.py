@@ -46,6 +46,7 @@ import torch
 from sc2deploy.config import Config
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
+from sc2deploy.runtime.eager import EagerRuntime
 from sc2deploy.tokenizer import Tokenizer
 
 MANIFEST = "sc2deploy.json"
@@ -53,6 +54,7 @@ DECODE_STEPS = 64  # greedy tokens of the decode case
 FOLLOW_UP_STEPS = 8  # greedy tokens after the prompt of every other case
 BATCH_OFFSETS, DECODE_OFFSET = (0, 3001, 7919), 1000  # where prompts start in the code text (PromptText)
 CHUNK = 256  # positions compared at a time (a real vocabulary in float64 is 390 KB per position)
+PREFILL_CHUNK = 512  # prompt tokens the eager reference prefills at a time (ChunkedReference)
 
 
 # ---------------------------------------------------------------- tolerances
@@ -218,6 +220,56 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, vocab_size: int) -> lis
     return cases
 
 
+# ---------------------------------------------------------------- the reference
+class ChunkedReference(EagerRuntime):
+    """The eager reference model (float32), prefilling prompts `chunk` tokens at a time through its KV cache.
+
+    A one-shot prefill of an S-token prompt holds every layer's (S, hidden) and (S, intermediate) activations
+    and (S, vocab) logits at once: 8,205 positions of the bench preset reached a 10 GiB peak. In chunks, a prefill
+    holds one chunk's activations and logits besides the (S, vocab) result. It is exact, not an approximation:
+    the cache keeps the last W positions (the ring of attention.py) and a chunk's queries see exactly the keys
+    of their window, cached or new, as in one pass (the contract's "chunk of a longer prompt" rows). Batches of
+    prompts longer than a chunk are prefilled row by row, each in chunks.
+    """
+
+    def __init__(self, source, max_batch: int = 1, chunk: int = PREFILL_CHUNK, device: torch.device | str = "cpu"):
+        super().__init__(source, dtype="fp32", max_batch=max_batch, device=device)
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        self.chunk = chunk
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> torch.Tensor:
+        self._check_prefill(slot, token_ids)
+        ids, n = list(token_ids), len(token_ids)
+        rows = slice(slot, slot + 1)
+        out = torch.empty((n, self.config.vocab_size), dtype=torch.float32) if all_logits else None
+        last = None
+        for start in range(0, n, self.chunk):
+            piece = self._tensor([ids[start:start + self.chunk]])
+            end = start + piece.shape[1]
+            # mask width = past + new: the first chunk is a first prompt, the others continue the row
+            mask = torch.ones((1, end), dtype=torch.int64, device=self.device)
+            logits = self._run(piece, mask, rows, fresh=start == 0)[0]
+            if out is not None:
+                out[start:end] = logits.cpu()
+            last = logits[-1]
+            del logits
+        self._lengths[slot] = n
+        if out is not None:
+            return out
+        assert last is not None  # _check_prefill refuses empty prompts
+        return last
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        if max(len(p) for p in prompts) <= self.chunk:
+            return super().prefill_batch(prompts)
+        for slot, prompt in enumerate(prompts):
+            self._check_prefill(slot, prompt)
+        return [self.prefill(slot, prompt, all_logits=True) for slot, prompt in enumerate(prompts)]
+
+
 # ---------------------------------------------------------------- running
 @cache
 def _runner_class():
@@ -232,8 +284,9 @@ def _runner_class():
         """A Polygraphy runner over any `Runtime`.
 
         Feed dict: input_ids (B, S) int64 right-padded, lengths (B,), decode_ids (B, T) (-1: take your own
-        argmax). Outputs: logits (B, S' + T, V) float32, row b's real positions first (S' = max length),
-        and tokens (B, T), the decode tokens fed.
+        argmax). Outputs: "logits.b" (len_b, V) float32, row b's prompt logits as the runtime returned them
+        (not copied: a long prompt's logits are the largest arrays of a check), "decode_logits" (B, T, V)
+        and "tokens" (B, T), the decode tokens fed. `row_logits` turns them into one list per row.
         """
 
         def __init__(self, runtime: Runtime, name: str):
@@ -246,9 +299,11 @@ def _runner_class():
 
         def infer_impl(self, feed_dict):
             start = time.perf_counter()
-            logits, tokens = run_feed(self.runtime, feed_dict)
+            prefilled, decoded, tokens = run_feed(self.runtime, feed_dict)
             self.inference_time = time.perf_counter() - start
-            return OrderedDict(logits=logits, tokens=tokens)
+            outputs = OrderedDict((f"logits.{row}", logits) for row, logits in enumerate(prefilled))
+            outputs.update(decode_logits=decoded, tokens=tokens)
+            return outputs
 
     return RuntimeRunner
 
@@ -257,8 +312,9 @@ def runtime_runner(runtime: Runtime, name: str):
     return _runner_class()(runtime, name)
 
 
-def run_feed(runtime: Runtime, feed: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill the prompts into slots 0..B-1, then decode; see RuntimeRunner for the arrays."""
+def run_feed(runtime: Runtime, feed: dict) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Prefill the prompts into slots 0..B-1, then decode: (prompt logits per row, decode logits, tokens); see
+    RuntimeRunner. The prompt logits are the runtime's own arrays (a float32 CPU tensor is not copied)."""
     lengths = [int(n) for n in feed["lengths"]]
     prompts = [feed["input_ids"][row, :n].tolist() for row, n in enumerate(lengths)]
     forced = feed["decode_ids"]
@@ -266,22 +322,29 @@ def run_feed(runtime: Runtime, feed: dict) -> tuple[np.ndarray, np.ndarray]:
     if len(prompts) == 1:
         prefilled = [runtime.prefill(0, prompts[0], all_logits=True)]
     else:
-        prefilled = runtime.prefill_batch(prompts)
-    vocab = prefilled[0].shape[-1]
-    logits = np.zeros((len(prompts), max(lengths) + steps, vocab), dtype=np.float32)
+        prefilled = list(runtime.prefill_batch(prompts))
+    prompt_logits = [np.asarray(logits.float().cpu().numpy(), dtype=np.float32) for logits in prefilled]
+    del prefilled
+    vocab = prompt_logits[0].shape[-1]
+    decoded = np.zeros((len(prompts), steps, vocab), dtype=np.float32)
     tokens = np.zeros((len(prompts), steps), dtype=np.int64)
-    last = []
-    for row, rows_logits in enumerate(prefilled):
-        logits[row, :lengths[row]] = rows_logits.float().cpu().numpy()
-        last.append(logits[row, lengths[row] - 1])
+    last = [logits[-1] for logits in prompt_logits]
     slots = list(range(len(prompts)))
     for t in range(steps):
         tokens[:, t] = [int(forced[row, t]) if forced[row, t] >= 0 else int(np.argmax(last[row])) for row in slots]
         out = runtime.decode(slots, tokens[:, t].tolist()).float().cpu().numpy()
-        for row in slots:
-            logits[row, lengths[row] + t] = out[row]
-            last[row] = out[row]
-    return logits, tokens
+        decoded[:, t] = out
+        last = list(decoded[:, t])
+    return prompt_logits, decoded, tokens
+
+
+RowLogits = list  # one list per row of (n_i, V) float32 arrays whose concatenation is the row's logits
+
+
+def row_logits(outputs) -> RowLogits:
+    """A RuntimeRunner's outputs as one list per row: [prompt logits, decode logits]."""
+    decoded = outputs["decode_logits"]
+    return [[outputs[f"logits.{row}"], decoded[row]] for row in range(decoded.shape[0])]
 
 
 def _run(runner, feed: dict):
@@ -291,7 +354,7 @@ def _run(runner, feed: dict):
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
         results = Comparator.run([runner], data_loader=[feed])
     iteration = results[0][1][0]
-    return iteration["logits"], iteration["tokens"], iteration.runtime
+    return row_logits(iteration), iteration["tokens"], iteration.runtime
 
 
 # ---------------------------------------------------------------- comparing
@@ -320,12 +383,26 @@ class CaseResult:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
-def _position_stats(ref: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-position error, logit range, KL, argmaxes and reference top-2 margin of (n, V) logits."""
-    out: dict[str, list] = {k: [] for k in ("err", "sum_err", "scale", "kl", "ref_top", "test_top", "margin")}
-    for start in range(0, ref.shape[0], CHUNK):
-        e = torch.from_numpy(ref[start:start + CHUNK]).double()
-        r = torch.from_numpy(test[start:start + CHUNK]).double()
+def _positions(parts: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Positions [start, stop) of a row held as consecutive (n_i, V) parts (a copy only across a boundary)."""
+    pieces, offset = [], 0
+    for part in parts:
+        lo, hi = max(start - offset, 0), min(stop - offset, part.shape[0])
+        if lo < hi:
+            pieces.append(part[lo:hi])
+        offset += part.shape[0]
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _position_stats(ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-position error, logit range, KL, argmaxes, reference top-2 margin and finiteness of one row's
+    logits, each side given as consecutive (n_i, V) parts."""
+    out: dict[str, list] = {k: [] for k in ("err", "sum_err", "scale", "kl", "ref_top", "test_top", "margin",
+                                            "finite")}
+    for start in range(0, sum(p.shape[0] for p in ref), CHUNK):
+        e = torch.from_numpy(_positions(ref, start, start + CHUNK)).double()
+        r = torch.from_numpy(_positions(test, start, start + CHUNK)).double()
+        out["finite"].append(r.isfinite().all(-1))
         diff = (r - e).abs()
         out["err"].append(diff.amax(-1))
         out["sum_err"].append(diff.sum(-1))
@@ -347,19 +424,38 @@ def _describe_position(case: Case, row: int, pos: int) -> str:
     return where if len(case.prompts) == 1 else f"row {row} {where}"
 
 
-def compare_case(case: Case, ref: np.ndarray, test: np.ndarray, tol: Tolerances) -> CaseResult:
-    """Metrics and verdict of one case from the two runners' logits (B, S' + T, V)."""
+def _as_rows(logits: np.ndarray | RowLogits, case: Case) -> RowLogits:
+    """Logits (B, S' + T, V), rows right-padded, or already one list of parts per row: one list per row."""
+    if isinstance(logits, np.ndarray):
+        return [[logits[row, :len(p) + case.decode_steps]] for row, p in enumerate(case.prompts)]
+    return logits
+
+
+def compare_case(case: Case, ref: np.ndarray | RowLogits, test: np.ndarray | RowLogits,
+                 tol: Tolerances) -> CaseResult:
+    """Metrics and verdict of one case from the two runners' logits: (B, S' + T, V) arrays, or per row a list
+    of consecutive (n_i, V) parts (what the runners return, see `row_logits`)."""
     result = CaseResult(case.name, case.description, passed=False, decode_steps=case.decode_steps)
-    if test.shape != ref.shape:
+    ref_rows, test_rows = _as_rows(ref, case), _as_rows(test, case)
+
+    def shapes(rows):
+        return [(sum(p.shape[0] for p in parts), parts[0].shape[-1]) for parts in rows]
+
+    expected = [(len(p) + case.decode_steps, shapes(ref_rows)[0][1]) for p in case.prompts]
+    if isinstance(ref, np.ndarray) and isinstance(test, np.ndarray) and test.shape != ref.shape:
         result.failures.append(f"the runtime returned logits of shape {test.shape}, the reference {ref.shape}")
+        return result
+    if shapes(test_rows) != shapes(ref_rows) or shapes(ref_rows) != expected:
+        result.failures.append(f"the runtime returned logits of shape {shapes(test_rows)} per row, the reference "
+                               f"{shapes(ref_rows)}")
         return result
     index, stats = [], []
     for row, prompt in enumerate(case.prompts):
         n = len(prompt) + case.decode_steps
-        stats.append(_position_stats(ref[row, :n], test[row, :n]))
+        stats.append(_position_stats(ref_rows[row], test_rows[row]))
         index += [(row, pos) for pos in range(n)]
     s = {k: np.concatenate([st[k] for st in stats]) for k in stats[0]}
-    vocab = ref.shape[-1]
+    vocab = expected[0][1]
     result.positions = len(index)
     result.max_abs = float(s["err"].max()) if np.isfinite(s["err"]).all() else math.nan
     result.mean_abs = float(s["sum_err"].sum() / (len(index) * vocab))
@@ -372,8 +468,9 @@ def compare_case(case: Case, ref: np.ndarray, test: np.ndarray, tol: Tolerances)
 
     allowed = tol.allowed(s["scale"])
     bad = ~(s["err"] <= allowed)  # NaN counts as bad
-    if not np.isfinite(test).all():
-        first = int(np.argmax(~np.isfinite(s["err"]) | ~np.isfinite(s["kl"])))
+    finite = bool(s["finite"].all())
+    if not finite:
+        first = int(np.argmax(~s["finite"]))
         result.failures.append(f"non-finite logits from the runtime (first at {_describe_position(case, *index[first])})")
     elif bad.any():
         first = int(np.argmax(bad))
@@ -381,7 +478,7 @@ def compare_case(case: Case, ref: np.ndarray, test: np.ndarray, tol: Tolerances)
             f"logits off by up to {result.max_abs:.2e} at {result.worst}; {int(bad.sum())} of {len(index)} positions "
             f"exceed atol + rtol * max|e| (first: {_describe_position(case, *index[first])}, "
             f"off by {s['err'][first]:.2e} > {allowed[first]:.2e})")
-    if not result.kl_max <= tol.kl and np.isfinite(test).all():
+    if not result.kl_max <= tol.kl and finite:
         at = _describe_position(case, *index[int(np.nanargmax(s["kl"]))])
         result.failures.append(f"KL up to {result.kl_max:.2e} at {at} > {tol.kl:.0e}")
 
@@ -438,19 +535,24 @@ def run_suite(reference: Runtime, runtime: Runtime, cases: Sequence[Case], toler
     ref_runner = runtime_runner(reference, f"{reference.name}-{reference.dtype}")
     test_runner = runtime_runner(runtime, f"{runtime.name}-{runtime.dtype}")
     results = []
-    for case in cases:
+    for number, case in enumerate(cases, 1):
+        where = f"parity: case {number}/{len(cases)} {case.name} ({case.description})"
         if progress:
-            progress(f"parity: {case.name}: {case.description}")
+            progress(f"{where}: the eager reference ...")
         ref_logits, tokens, ref_s = _run(ref_runner, case.feed())
         forced = case.feed()
         forced["decode_ids"] = tokens
+        if progress:
+            progress(f"{where}: the {runtime.name} runtime ...")
         try:
             test_logits, _, test_s = _run(test_runner, forced)
         except Exception as e:  # the runtime under test failed on a valid input: that is a parity failure
+            del ref_logits
             results.append(CaseResult(case.name, case.description, passed=False, decode_steps=case.decode_steps,
                                       failures=[f"the {runtime.name} runtime raised {type(e).__name__}: {e}"]))
             continue
         result = compare_case(case, ref_logits, test_logits, tolerances)
+        del ref_logits, test_logits  # (positions, vocab) float32 each: not kept past their case
         result.reference_s, result.runtime_s = round(ref_s, 4), round(test_s, 4)
         results.append(result)
     return Report(runtime.name, runtime.dtype, tolerances, results, reference=f"{reference.name} {reference.dtype}")
@@ -523,6 +625,42 @@ def manifest_source(manifest: dict, folder: Path):
                     "pass the checkpoint it was exported from with --checkpoint DIR")
 
 
+def recorded_hashes(manifest: dict | None) -> dict[str, str] | None:
+    """The sha256 of the source checkpoint's weight files that the manifest records (export records them)."""
+    source = manifest.get("source") if isinstance(manifest, dict) else None
+    hashes = source.get("sha256") if isinstance(source, dict) and source.get("kind") == "checkpoint" else None
+    if isinstance(hashes, dict) and hashes and all(isinstance(v, str) for v in hashes.values()):
+        return hashes
+    return None
+
+
+def verify_source(source, manifest: dict, folder: Path, given: bool) -> str | None:
+    """Check that the reference checkpoint's weight files are those `folder` was made from (the sha256 its
+    manifest records), so that a checkpoint changed since the export is reported as such, not as a runtime that
+    disagrees with it. Returns a note for the report; raises a UserError naming the file that differs."""
+    hashes = recorded_hashes(manifest)
+    if hashes is None:
+        return f"{MANIFEST} records no sha256 of the source checkpoint: the reference weights were not verified"
+    where = source.folder
+    found = source.file_hashes()
+    if given:
+        if found != hashes:
+            changed = sorted(set(found) ^ set(hashes)) or sorted(n for n in found if found[n] != hashes[n])
+            raise UserError(f"--checkpoint {where} is not the checkpoint {folder} was made from ({changed[0]} "
+                            f"differs from the sha256 in its {MANIFEST}); pass that one, or re-export from this "
+                            f"one: sc2deploy export --checkpoint {where} --out {folder} --force")
+        return f"reference checkpoint {where} matches the sha256 {MANIFEST} records"
+    missing, added = sorted(set(hashes) - set(found)), sorted(set(found) - set(hashes))
+    changed = sorted(n for n in set(found) & set(hashes) if found[n] != hashes[n])
+    if missing or added or changed:
+        what = (f"{changed[0]} differs from the sha256 in {folder / MANIFEST}" if changed else
+                f"{missing[0]} is gone" if missing else f"it has a new weight file {added[0]}")
+        raise UserError(f"the checkpoint {where} changed since {folder} was exported from it ({what}), so the "
+                        f"reference would not be the exported weights; re-export: sc2deploy export --checkpoint "
+                        f"{where} --out {folder} --force (with the same --dtype and --target), then run parity again")
+    return f"source checkpoint {where} matches the sha256 recorded at export"
+
+
 def config_differences(reference: Config, tested: Config, fields: Sequence[str]) -> list[str]:
     return [f"{f}={getattr(tested, f)} (reference {getattr(reference, f)})" for f in fields
             if getattr(tested, f) != getattr(reference, f)]
@@ -544,6 +682,10 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
     from sc2deploy.checkpoint import CheckpointSource
     from sc2deploy.runtime import BACKENDS, open_runtime
 
+    def stage(message: str) -> None:
+        if progress:
+            progress(message)
+
     folder = Path(folder)
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -551,17 +693,30 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
         made_by = {"ort": "`sc2deploy export --target ort`", "trt": "`sc2deploy build`", "eager": "a checkpoint",
                    "cuda": "a checkpoint"}
         raise UserError(f"{folder} is not a folder; give the {backend} folder to check (made by {made_by[backend]})")
+    notes = []
     if backend in ("eager", "cuda"):
         tested_source = CheckpointSource(folder)
         source = CheckpointSource(checkpoint) if checkpoint else tested_source
     else:
         manifest = read_manifest(folder)
-        if checkpoint:
-            source = CheckpointSource(checkpoint)
-        elif manifest is None:
-            raise UserError(f"{folder} has no {MANIFEST}; pass the checkpoint it was made from with --checkpoint DIR")
-        else:
-            source = manifest_source(manifest, folder)
+        if manifest is None and (folder / "config.json").is_file():
+            fix = (f"export it first: sc2deploy export --checkpoint {folder} --out ART, then sc2deploy parity ART"
+                   if backend == "ort" else
+                   f"export and build it first: sc2deploy export --checkpoint {folder} --target trt --out ART, "
+                   f"sc2deploy build ART --out ENGINE, then sc2deploy parity ENGINE --backend trt")
+            raise UserError(f"{folder} is a Hugging Face checkpoint, not an export artifact; {fix} (or check a "
+                            f"runtime on the checkpoint itself: --backend eager or cuda)")
+        if manifest is None:
+            writer = "`sc2deploy export`" if backend == "ort" else "`sc2deploy build`"
+            raise UserError(f"{folder} has no {MANIFEST}, so it is not a finished {backend} folder; give the folder "
+                            f"{writer} wrote")
+        source = CheckpointSource(checkpoint) if checkpoint else manifest_source(manifest, folder)
+        if isinstance(source, CheckpointSource) and recorded_hashes(manifest):
+            stage(f"parity: checking the sha256 of {source.folder}'s weights against {MANIFEST} ...")
+        note = verify_source(source, manifest, folder, given=bool(checkpoint)) \
+            if isinstance(source, CheckpointSource) else None
+        if note:
+            notes.append(note)
     if threads:
         torch.set_num_threads(threads)
     tokenizer = Tokenizer.load(checkpoint if checkpoint else folder)
@@ -569,10 +724,9 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
     cases = build_suite(source.config, tokenizer, decode_steps, extra)
     slots = max(len(c.prompts) for c in cases)
 
-    from sc2deploy.runtime.eager import EagerRuntime
-
     options: dict = {"threads": threads} if threads and backend not in ("eager", "cuda") else {}
     runtime: Runtime  # opened first: it is the part most likely to refuse
+    stage(f"parity: loading the {backend} runtime under test ({folder}) ...")
     if backend == "eager":
         runtime = EagerRuntime(tested_source, dtype="fp32", max_batch=slots, device=device or "cpu")
     elif backend == "cuda":
@@ -588,9 +742,11 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
     if shape:
         raise UserError(f"{folder} holds a different model than the reference ({source.description}): "
                         f"{', '.join(shape)}; pass the checkpoint it was made from with --checkpoint DIR")
-    reference = EagerRuntime(source, dtype="fp32", max_batch=slots)
+    stage(f"parity: loading the eager fp32 reference ({source.description}) ...")
+    reference = ChunkedReference(source, max_batch=slots)
     report = run_suite(reference, runtime, cases, tolerances_for(runtime.dtype, atol, rtol, kl), progress)
     report.reference = f"eager fp32 on {source.description}"
+    report.notes += notes
     behaviour = config_differences(source.config, runtime.config, BEHAVIOUR_FIELDS)
     if behaviour:
         report.notes.append(f"the {backend} model's config differs from the reference: {', '.join(behaviour)}")

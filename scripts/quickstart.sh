@@ -12,4 +12,4 @@ sc2deploy checkpoint --size tiny --out "$work/checkpoint"
 sc2deploy export --checkpoint "$work/checkpoint" --out "$work/onnx"
 sc2deploy parity "$work/onnx"
 sc2deploy generate --artifact "$work/onnx" --backend ort \
-  --fim-prefix $'def fibonacci(n):\n    ' --fim-suffix $'\n    return a\n' --max-new-tokens 24 --json
+  --fim-prefix $'def fibonacci(n):\n    ' --fim-suffix $'\n    return a\n' --max-tokens 24 --json

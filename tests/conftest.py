@@ -27,8 +27,7 @@ if _loaded is not None and os.environ["TRITON_INTERPRET"] == "1" and not _loaded
     importlib.reload(_loaded)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-TOKENIZER_DATA = SHARED / "data" / "starcoder2-tokenizer"
+TOKENIZER_DATA = REPO / "tests" / "data" / "starcoder2-tokenizer"  # llama.cpp's test vectors; see PROVENANCE.md
 
 # Oracle configs: window below the prompt length, tied and untied heads, no biases, Nq/Nkv of 1, 2, 3, 4.
 HF_CONFIGS = {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import pytest
@@ -149,3 +150,51 @@ def test_rewriting_a_checkpoint_in_another_dtype(tmp_path):
     second = write_checkpoint(CheckpointSource(first), tmp_path / "bf16", "bf16")
     for name in ("model.embed_tokens.weight", "model.norm.bias"):
         assert torch.equal(CheckpointSource(second).get(name, "bf16"), CheckpointSource(first).get(name, "bf16"))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.uint8])
+def test_a_weight_with_an_integer_or_bool_dtype_is_refused(tmp_path, dtype):
+    """I32 over float bytes would be cast value by value into nonsense weights; it must be refused, by name."""
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "fp32")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    reinterpret = {torch.int32: lambda t: t.view(torch.int32), torch.bool: lambda t: t > 0,
+                   torch.uint8: lambda t: (t > 0).to(torch.uint8)}[dtype]
+    _rewrite(folder, lambda t: t.update({name: reinterpret(t[name])}))
+    expected = {torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}[dtype]
+    with pytest.raises(UserError, match=rf"tensor {re.escape(name)} .*dtype {expected}; weights must be floating"):
+        CheckpointSource(folder)
+
+
+def test_float_dtypes_are_read(tmp_path):
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "fp32")
+    _rewrite(folder, lambda t: t.update({"model.norm.bias": t["model.norm.bias"].double()}))
+    assert CheckpointSource(folder).get("model.norm.bias", "fp32").dtype == torch.float32
+
+
+def _raw_safetensors(path, header: object, data: bytes = b"") -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2],
+    {"model.norm.weight": "F32"},
+    {"model.norm.weight": {"dtype": "F32", "shape": [64]}},
+    {"model.norm.weight": {"dtype": "F32", "shape": ["64"], "data_offsets": [0, 256]}},
+    {"model.norm.weight": {"dtype": 7, "shape": [64], "data_offsets": [0, 256]}},
+    {"model.norm.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0]}},
+])
+def test_malformed_safetensors_headers_are_user_errors(tmp_path, header):
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "fp32")
+    _raw_safetensors(folder / "model.safetensors", header, bytes(256))
+    with pytest.raises(UserError, match="not a valid safetensors file"):
+        CheckpointSource(folder)
+
+
+@pytest.mark.parametrize("index", [[], {"weight_map": []}, {"weight_map": {"model.norm.weight": 3}},
+                                   {"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}])
+def test_malformed_shard_index_is_a_user_error(tmp_path, index):
+    folder = write_checkpoint(RandomSource(preset("tiny")), tmp_path / "ck", "bf16", shard_bytes=2_000_000)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="model.safetensors.index.json is corrupt"):
+        CheckpointSource(folder)

@@ -21,7 +21,7 @@ def run_cli(args: list, capsys) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli") / "tiny"
-    assert main(["checkpoint", "--size", "tiny", "--out", str(folder), "--seed", "3"]) == 0
+    assert main(["checkpoint", "--size", "tiny", "--out", str(folder), "--weights-seed", "3"]) == 0
     return folder
 
 
@@ -34,7 +34,7 @@ def test_info_json(capsys):
 
 
 def test_generate_json_from_checkpoint_matches_size_preset(tiny_checkpoint, capsys):
-    common = ["generate", "--prompt", "def add(a, b):", "--max-new-tokens", "8", "--json"]
+    common = ["generate", "--prompt", "def add(a, b):", "--max-tokens", "8", "--json"]
     code, out, _ = run_cli(common + ["--checkpoint", tiny_checkpoint], capsys)
     from_checkpoint = json.loads(out)
     assert code == 0
@@ -48,7 +48,7 @@ def test_generate_fim_prompt_ids(tiny_checkpoint, capsys):
     from sc2deploy.tokenizer import Tokenizer
 
     code, out, _ = run_cli(["generate", "--checkpoint", tiny_checkpoint, "--fim-prefix", "def f(x):\n    return ",
-                            "--fim-suffix", "\n", "--max-new-tokens", "4", "--json"], capsys)
+                            "--fim-suffix", "\n", "--max-tokens", "4", "--json"], capsys)
     tok = Tokenizer.load()
     assert code == 0
     assert json.loads(out)["prompt_ids"] == [1] + tok.encode("def f(x):\n    return ") + [3] + tok.encode("\n") + [2]
@@ -57,8 +57,9 @@ def test_generate_fim_prompt_ids(tiny_checkpoint, capsys):
 BAD_INPUT = {
     "unknown size": (["generate", "--size", "20b", "--prompt", "x"], "unknown size '20b'"),
     "empty prompt": (["generate", "--size", "tiny", "--prompt", ""], "prompt is empty"),
-    "zero tokens": (["generate", "--size", "tiny", "--prompt", "x", "--max-new-tokens", "0"], "at least 1"),
-    "negative tokens": (["generate", "--size", "tiny", "--prompt", "x", "--max-new-tokens", "-3"], "at least 1"),
+    "zero tokens": (["generate", "--size", "tiny", "--prompt", "x", "--max-tokens", "0"], "at least 1"),
+    "negative tokens": (["generate", "--size", "tiny", "--prompt", "x", "--max-tokens", "-3"], "at least 1"),
+    "zero tokens, old name": (["generate", "--size", "tiny", "--prompt", "x", "--max-new-tokens", "0"], "at least 1"),
     "prompt over context": (["generate", "--size", "tiny", "--prompt-ids", ",".join(["5"] * 1030)], "context of 1024"),
     "bad ids": (["generate", "--size", "tiny", "--prompt-ids", "1,x"], "comma-separated integers"),
     "two prompts": (["generate", "--size", "tiny", "--prompt", "x", "--prompt-ids", "1"], "exactly one"),
@@ -101,7 +102,7 @@ def test_device_cpu(tiny_checkpoint, capsys):
     from sc2deploy.cli import build_parser
     from sc2deploy.commands.serve import open_model
 
-    code, out, _ = run_cli(["generate", "--checkpoint", tiny_checkpoint, "--prompt", "x", "--max-new-tokens", "2",
+    code, out, _ = run_cli(["generate", "--checkpoint", tiny_checkpoint, "--prompt", "x", "--max-tokens", "2",
                             "--device", "cpu", "--json"], capsys)
     assert code == 0 and json.loads(out)["output_ids"]
     code, out, _ = run_cli(["parity", tiny_checkpoint, "--backend", "eager", "--device", "cpu", "--decode-steps", "2",
@@ -141,3 +142,192 @@ def test_console_script_invalid_utf8_and_help():
     for command in ("info", "checkpoint", "generate"):
         help_text = subprocess.run([*exe, command, "--help"], capture_output=True, text=True, env=env)
         assert help_text.returncode == 0 and "usage: sc2deploy " + command in help_text.stdout
+
+
+# ---------------------------------------------------------------- one name per flag across commands
+def test_weights_seed_is_one_flag_and_the_old_checkpoint_seed_is_a_one_line_error(tiny_checkpoint, tmp_path, capsys):
+    from sc2deploy.checkpoint import CheckpointSource
+
+    for command in (["checkpoint", "--size", "tiny", "--out", str(tmp_path / "c")],
+                    ["export", "--size", "tiny", "--out", str(tmp_path / "e")]):
+        code, out, err = run_cli(command + ["--seed", "3"], capsys)
+        assert code == 2 and not out and err.count("\n") == 1
+        assert "--seed is now --weights-seed" in err and "give --weights-seed 3" in err
+        assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
+    for command in ("checkpoint", "export", "generate", "serve"):
+        help_text = subprocess.run([sys.executable, "-m", "sc2deploy.cli", command, "--help"], capture_output=True,
+                                   text=True).stdout
+        assert "--weights-seed" in help_text, command
+        # --seed, where it exists, is the sampling seed (generate; complete): never the weights
+        assert ("--seed" in help_text.replace("--weights-seed", "")) == (command == "generate"), command
+    # --weights-seed 3 is the weights the fixture wrote with it: generate from the preset and the seed matches
+    code, out, _ = run_cli(["generate", "--size", "tiny", "--weights-seed", "3", "--prompt-ids", "1,2,3",
+                            "--max-tokens", "4", "--json"], capsys)
+    code2, out2, _ = run_cli(["generate", "--checkpoint", tiny_checkpoint, "--prompt-ids", "1,2,3", "--max-tokens",
+                              "4", "--json"], capsys)
+    assert code == code2 == 0 and json.loads(out)["output_ids"] == json.loads(out2)["output_ids"]
+    assert CheckpointSource(tiny_checkpoint).config.num_hidden_layers == 2
+
+
+def test_max_tokens_and_its_old_name(capsys):
+    common = ["generate", "--size", "tiny", "--prompt-ids", "1,2,3", "--json"]
+    code, out, _ = run_cli(common + ["--max-tokens", "5"], capsys)
+    new = json.loads(out)
+    code2, out, _ = run_cli(common + ["--max-new-tokens", "5"], capsys)
+    assert code == code2 == 0 and new["output_ids"] == json.loads(out)["output_ids"]
+    assert len(new["output_ids"]) == 5 and new["finish_reason"] == "length"
+    help_text = subprocess.run([sys.executable, "-m", "sc2deploy.cli", "generate", "--help"], capture_output=True,
+                               text=True).stdout
+    assert "--max-tokens" in help_text and "--max-new-tokens" not in help_text
+
+
+# ---------------------------------------------------------------- errors that point the right way
+def test_generate_infers_the_backend_from_artifact_as_serve_does(store, capsys):
+    from sc2deploy.cli import build_parser
+    from sc2deploy.commands.common import infer_backend
+
+    artifact = store.artifact()
+    code, out, err = run_cli(["generate", "--artifact", artifact, "--prompt-ids", "1,2,3", "--max-tokens", "3",
+                              "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["backend"] == "ort" and len(json.loads(out)["output_ids"]) == 3
+    for command in ("generate", "serve"):
+        parse = build_parser().parse_args
+        assert infer_backend(parse([command, "--artifact", "a"])) == "ort"
+        assert infer_backend(parse([command, "--engine", "e"])) == "trt"
+        assert infer_backend(parse([command, "--size", "tiny"])) == "eager"
+        assert infer_backend(parse([command, "--artifact", "a", "--backend", "eager"])) == "eager"
+
+
+def test_generate_names_the_folder_that_is_missing_or_of_the_wrong_kind(store, tiny_checkpoint, tmp_path, capsys):
+    artifact = store.artifact()
+    cases = [
+        (["--artifact", tmp_path / "nope"], f"--artifact {tmp_path / 'nope'}: no such folder; give the folder made by "
+                                            "`sc2deploy export --target ort`"),
+        (["--backend", "ort"], "the ort backend needs --artifact DIR"),
+        (["--checkpoint", artifact], f"--checkpoint {artifact}: this is an export artifact (has sc2deploy.json); "
+                                     f"use --artifact {artifact}"),
+        (["--artifact", tiny_checkpoint], f"--artifact {tiny_checkpoint}: this is a Hugging Face checkpoint, not an "
+                                          f"export; use --checkpoint {tiny_checkpoint}"),
+        (["--artifact", artifact, "--dtype", "fp16"], f"--dtype fp16: the artifact {artifact} is fp32 (fixed when it "
+                                                      "was made; --dtype applies to the eager and cuda backends); "
+                                                      "re-export with `sc2deploy export --dtype fp16`"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(["generate", *args, "--prompt", "x", "--max-tokens", "2"], capsys)
+        assert code == 2 and not out and err.count("\n") == 1 and "Traceback" not in err, err
+        assert message in err, (message, err)
+    code, out, _ = run_cli(["generate", "--artifact", artifact, "--dtype", "fp32", "--prompt-ids", "1,2",
+                            "--max-tokens", "2", "--json"], capsys)
+    assert code == 0 and json.loads(out)["dtype"] == "fp32"
+    code, _, err = run_cli(["export", "--checkpoint", artifact, "--out", tmp_path / "again"], capsys)
+    assert code == 2 and f"--checkpoint {artifact}: this is an export artifact (has sc2deploy.json)" in err
+
+
+# ---------------------------------------------------------------- long work is not silent when piped
+def test_progress_is_logged_when_stderr_is_not_a_terminal(capsys):
+    import time
+
+    from sc2deploy.commands.common import LogBar, StageLog, progress_bar
+
+    with progress_bar(3 * 2**30, "export: writing weights") as bar:
+        assert isinstance(bar, LogBar)  # capsys: stderr is not a terminal
+        bar.interval = 0.0
+        bar.update(2**30)
+        bar.update(2**30)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("export: writing weights: 1.0 GiB / 3.0 GiB (33%)")
+    assert lines[1].startswith("export: writing weights: 2.0 GiB / 3.0 GiB (67%)") and len(lines) == 3
+    with StageLog(interval=0.2) as stage:
+        stage("parity: loading the artifact ...")
+        time.sleep(0.75)
+        stage.end()
+        time.sleep(0.3)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "parity: loading the artifact ..."
+    assert 2 <= len(lines) <= 5 and all(line.startswith("parity: loading the artifact ... (") for line in lines[1:])
+    with StageLog(interval=0.2) as stage:
+        stage("generate: loading ...", show=False)  # quiet unless it lasts
+    assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- complete: help, exit statuses, JSON names
+def test_complete_help_fim_example_sends_newlines():
+    """The FIM example of `complete --help`, run by bash as a user pastes it, passes real newlines."""
+    import re
+    import shutil
+
+    help_text = subprocess.run([sys.executable, "-m", "sc2deploy.cli", "complete", "--help"], capture_output=True,
+                               text=True).stdout
+    example = re.search(r"^  (sc2deploy complete [^\n]*--suffix[^\n]*\\\n[^\n]*)$", help_text, re.M)
+    assert example, help_text
+    command = example.group(1).split("#")[0].replace("sc2deploy complete", "printf '%s\\0'", 1)
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    args = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True).stdout.split("\0")
+    suffix, prompt = args[args.index("--suffix") + 1], args[-2]
+    assert suffix == "    return b\n" and prompt == "def fib(n):\n    a, b = 0, 1\n"
+    assert "\\n" not in suffix + prompt
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    """A real completion server on 127.0.0.1 (tiny preset, eager) that wants the API key "k"."""
+    pytest.importorskip("grpc_health")
+    from sc2deploy.checkpoint import RandomSource
+    from sc2deploy.config import preset
+    from sc2deploy.runtime import open_runtime
+    from sc2deploy.serving.server import CompletionServer, ServerOptions
+    from sc2deploy.tokenizer import Tokenizer
+
+    source = RandomSource(preset("tiny"), 0)
+    runtime = open_runtime("eager", source=source, max_batch=2, capacity=source.config.cache_positions())
+    server = CompletionServer(runtime, Tokenizer.load(), ServerOptions(host="127.0.0.1", port=0, api_keys=["k"]))
+    server.start()
+    try:
+        yield f"127.0.0.1:{server.port}"
+    finally:
+        server.stop(grace=1.0)
+
+
+def test_complete_exit_statuses(keyed_server, tmp_path, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("SC2DEPLOY_API_KEY", raising=False)
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    keyed = ["complete", "--server", keyed_server, "--api-key-file", key]
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    cases = [
+        (keyed + ["--max-tokens", "5000", "x"], 2, f"the server at {keyed_server} answered INVALID_ARGUMENT: "),
+        (["complete", "--server", keyed_server, "x"], 2, "UNAUTHENTICATED"),
+        (["complete", "--server", closed, "--timeout", "5", "x"], 2, f"cannot reach a server at {closed} "
+                                                                     "(UNAVAILABLE: "),
+        (keyed + ["--timeout", "0.000001", "x"], 1, "DEADLINE_EXCEEDED"),
+    ]
+    for args, status, message in cases:
+        code, out, err = run_cli(args, capsys)
+        assert code == status and message in err, (args, code, err)
+        assert err.count("\n") == 1 and "Traceback" not in err and not out
+    _, _, err = run_cli(["complete", "--server", keyed_server, "x"], capsys)
+    assert "--api-key-file FILE or SC2DEPLOY_API_KEY" in err
+    _, _, err = run_cli(["complete", "--server", closed, "--timeout", "5", "x"], capsys)
+    assert "is `sc2deploy serve` running there? check --server HOST:PORT" in err
+
+
+def test_complete_and_generate_name_finish_reasons_alike(keyed_server, tmp_path, capsys):
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    keyed = ["complete", "--server", keyed_server, "--api-key-file", key, "--max-tokens", "3", "--json"]
+    code, out, _ = run_cli(keyed + ["def f():"], capsys)
+    served = json.loads(out)
+    code2, out, _ = run_cli(["generate", "--size", "tiny", "--prompt", "def f():", "--max-tokens", "3", "--json"],
+                            capsys)
+    generated = json.loads(out)
+    assert code == code2 == 0 and served["finish_reason"] == generated["finish_reason"] == "length"
+    code, out, _ = run_cli(keyed + ["--stream", "def f():"], capsys)
+    chunks = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and chunks[-1]["finish_reason"] == "length"
+    assert all("finish_reason" not in c for c in chunks[:-1])

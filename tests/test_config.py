@@ -81,3 +81,67 @@ def test_bad_configs_are_user_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UserError, match="starcoder2"):
         Config.load(tmp_path)
+
+
+def test_parameter_count_is_the_sum_of_the_tensor_shapes():
+    import math
+
+    for c in PRESETS.values():
+        for use_bias in (True, False):
+            for tied in (True, False):
+                v = c.replace(use_bias=use_bias, tie_word_embeddings=tied, head_dim_override=None if use_bias else 64)
+                assert v.num_parameters == sum(math.prod(s) for s in v.tensor_shapes().values())
+
+
+REAL_MODELS = {  # bounds must admit every real model; these are among the largest released dense ones
+    "llama-3.1-405b": dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128,
+                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+                           sliding_window=None),
+    "gemma-2-27b": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
+                        num_key_value_heads=16, head_dim=128, vocab_size=256000, max_position_embeddings=8192,
+                        sliding_window=4096),
+    "1m-context": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                       num_key_value_heads=8, vocab_size=152064, max_position_embeddings=1 << 20, sliding_window=None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_MODELS))
+def test_bounds_admit_real_models(name, tmp_path):
+    d = {**preset("15b").to_hf_dict(), **REAL_MODELS[name]}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    c = Config.load(tmp_path)
+    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size) == (d["hidden_size"], d["num_hidden_layers"], d["vocab_size"])
+
+
+def test_a_derived_head_dim_in_config_json_is_no_override(tmp_path):
+    d = preset("3b").to_hf_dict() | {"head_dim": 128}  # transformers 5 writes it
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    assert Config.load(tmp_path) == preset("3b")
+    (tmp_path / "config.json").write_text(json.dumps(d | {"head_dim": 64}))
+    assert Config.load(tmp_path).head_dim == 64
+
+
+def test_hf_defaults_for_absent_or_null_fields(tmp_path):
+    d = preset("tiny").to_hf_dict()
+    for key in ("num_key_value_heads", "bos_token_id", "eos_token_id"):
+        d[key] = None
+    d["eos_token_id"] = [0, 5]  # several stop ids: the first is the end of text
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    c = Config.load(tmp_path)
+    assert (c.num_key_value_heads, c.bos_token_id, c.eos_token_id) == (c.num_attention_heads, 0, 0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ("null", "holds a JSON null, not an object"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # nested past the parser's recursion limit
+    ('{"num_hidden_layers": ' + "9" * 5000 + "}", "not valid JSON"),  # past Python's int digits limit
+    (" " * (2 << 20) + "{}", "over the 1 MiB a config.json may have"),
+    (b"\xff\xfe{}", "not valid JSON"),
+])
+def test_config_json_that_is_not_a_config_object(tmp_path, text, message):
+    path = tmp_path / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError, match=message) as e:
+        Config.load(tmp_path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 400

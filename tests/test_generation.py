@@ -68,3 +68,12 @@ def test_bad_sampling_values(bad):
 def test_prompt_plus_tokens_over_context(runtime, tok):
     with pytest.raises(UserError, match="exceeds the model's context"):
         generate(runtime, tok, [1] * 1000, SamplingParams(max_new_tokens=100))
+
+
+def test_finish_reasons_have_one_vocabulary():
+    """generate's JSON and complete's (the server's enum, named by the client) use the same short names."""
+    pytest.importorskip("grpc")
+    from sc2deploy.generation import FINISH_CANCELLED
+    from sc2deploy.serving.client import FINISH_NAMES
+
+    assert set(FINISH_NAMES.values()) - {"unspecified"} == {FINISH_LENGTH, FINISH_EOS, FINISH_STOP, FINISH_CANCELLED}

@@ -210,6 +210,30 @@ def test_kl_alone_can_fail():
     assert not result.passed and result.failures[0].startswith("KL up to")
 
 
+def test_row_parts_compare_exactly_like_padded_arrays():
+    """The runners hand over each row's logits as parts (the prompt's, as the runtime returned them, then the
+    decode steps'), not one padded copy: the verdict and every number are the same as from the padded array."""
+    case = parity.Case("rows", "two rows", [[1, 2, 3, 4, 5], [6, 7]], 3)
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(2, 8, 16)).astype(np.float32)
+    test = ref + rng.normal(scale=2e-4, size=ref.shape).astype(np.float32)
+    test[1, 3, 5] += 0.5  # a failure in row 1's decode part
+    test[0, 6, 2] = np.nan  # and a non-finite logit in row 0's
+
+    def parts(logits, cut):
+        return [[logits[row, :cut(len(p))], logits[row, cut(len(p)):len(p) + 3]] for row, p in enumerate(case.prompts)]
+
+    padded = parity.compare_case(case, ref, test, TOL).to_dict()
+    assert not padded["passed"] and "non-finite logits from the runtime (first at row 0 decode step 2)" in \
+        padded["failures"][0]
+    for cut in (lambda n: n, lambda n: 1, lambda n: n + 2):  # at the prompt's end (the runners' cut) and elsewhere
+        assert parity.compare_case(case, parts(ref, cut), parts(test, cut), TOL).to_dict() == padded
+    short = [[test[0, :8]], [test[1, :4]]]  # a row one position short
+    result = parity.compare_case(case, parts(ref, lambda n: n), short, TOL)
+    assert not result.passed and "the runtime returned logits of shape [(8, 16), (4, 16)] per row" in \
+        result.failures[0]
+
+
 # ---------------------------------------------------------------- prompts file
 def test_prompts_file(tmp_path, tokenizer):
     path = tmp_path / "prompts.jsonl"
@@ -304,13 +328,18 @@ def test_cli_tolerance_override_turns_a_failure_into_a_pass(checkpoints, capsys)
 
 @pytest.mark.parametrize("args, message", [
     (["{tmp}/missing"], "is not a folder"),
-    (["{tmp}"], "has no sc2deploy.json; pass the checkpoint"),
+    (["{tmp}"], "has no sc2deploy.json, so it is not a finished ort folder; give the folder `sc2deploy export` wrote"),
     (["{tmp}", "--backend", "onnx"], "unknown backend 'onnx'"),
     (["{good}", "--backend", "eager", "--prompts", "{tmp}/none.jsonl"], "cannot read --prompts file"),
+    # a checkpoint where an artifact belongs: the way out, not "pass --checkpoint" (which leads back here)
+    (["{good}"], "{good} is a Hugging Face checkpoint, not an export artifact; export it first: sc2deploy export "
+                 "--checkpoint {good} --out ART, then sc2deploy parity ART"),
+    (["{good}", "--backend", "trt"], "sc2deploy build ART --out ENGINE, then sc2deploy parity ENGINE --backend trt"),
 ])
 def test_cli_errors_exit_2(checkpoints, capsys, tmp_path, args, message):
     code, out, err = cli([a.format(tmp=tmp_path, good=checkpoints["good"]) for a in args], capsys)
-    assert code == 2 and message in err and not out
+    assert code == 2 and message.format(good=checkpoints["good"]) in err and not out
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_cli_bad_manifest_exits_2(capsys, tmp_path):
@@ -419,6 +448,113 @@ def test_export_corruption_without_reseal_is_an_error(ort_artifact, capsys, tmp_
 def test_export_checked_with_the_wrong_backend_is_an_error(ort_artifact, capsys):
     code, out, err = cli([ort_artifact, "--backend", "trt"], capsys)
     assert code == 2 and "trt" in err and not out
+    code, out, err = cli([ort_artifact, "--backend", "eager"], capsys)
+    assert code == 2 and f"{ort_artifact} is an export artifact, not a checkpoint; check it with --backend ort" in err
+
+
+def test_an_artifact_given_as_the_reference_checkpoint_is_an_error(ort_artifact, capsys):
+    code, out, err = cli([ort_artifact, "--checkpoint", ort_artifact], capsys)
+    assert code == 2 and not out and err.count("\n") == 1
+    assert f"--checkpoint {ort_artifact}: this is an export artifact (has sc2deploy.json)" in err
+
+
+# ---------------------------------------------------------------- the source checkpoint's recorded sha256
+@pytest.fixture
+def exported_checkpoint(tmp_path):
+    """A checkpoint on disk and its ort export, which records the sha256 of the checkpoint's weight files."""
+    from sc2deploy.checkpoint import CheckpointSource
+    from sc2deploy.export import export_artifact
+
+    folder = write_checkpoint(RandomSource(TINY, SEED), tmp_path / "ckpt", "fp32")
+    return folder, export_artifact(CheckpointSource(folder), tmp_path / "art", "fp32", "ort")
+
+
+def nudge_a_weight(folder):
+    """Change one float32 of model.safetensors in place: still a valid checkpoint, different weights."""
+    import struct
+
+    path = folder / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    header = struct.unpack("<Q", raw[:8])[0]
+    offset = 8 + header + 4 * 1000
+    raw[offset:offset + 4] = (np.frombuffer(raw[offset:offset + 4], np.float32) + np.float32(0.5)).tobytes()
+    path.write_bytes(bytes(raw))
+
+
+def test_a_checkpoint_changed_since_export_is_named_not_blamed_on_the_runtime(exported_checkpoint, capsys):
+    folder, artifact = exported_checkpoint
+    code, out, err = cli([artifact, "--decode-steps", "2"], capsys)
+    assert code == 0 and f"note: source checkpoint {folder} matches the sha256 recorded at export" in out
+    nudge_a_weight(folder)
+    code, out, err = cli([artifact, "--decode-steps", "2"], capsys)
+    assert code == 2 and not out and "Traceback" not in err
+    assert (f"the checkpoint {folder} changed since {artifact} was exported from it (model.safetensors differs from "
+            f"the sha256 in {artifact}/sc2deploy.json)") in err
+    assert f"re-export: sc2deploy export --checkpoint {folder} --out {artifact} --force" in err
+
+
+def test_a_different_reference_checkpoint_is_refused(exported_checkpoint, checkpoints, capsys):
+    folder, artifact = exported_checkpoint
+    code, out, err = cli([artifact, "--checkpoint", checkpoints["weight"], "--decode-steps", "2"], capsys)
+    assert code == 2 and not out
+    assert f"--checkpoint {checkpoints['weight']} is not the checkpoint {artifact} was made from" in err
+    code, out, _ = cli([artifact, "--checkpoint", checkpoints["good"], "--decode-steps", "2"], capsys)
+    assert code == 0 and "matches the sha256 sc2deploy.json records" in out  # the same weights, another folder
+
+
+def test_an_old_manifest_without_hashes_still_checks_and_says_so(exported_checkpoint, capsys):
+    folder, artifact = exported_checkpoint
+    path = artifact / "sc2deploy.json"
+    manifest = json.loads(path.read_text())
+    del manifest["source"]["sha256"]
+    path.write_text(json.dumps(manifest))
+    code, out, _ = cli([artifact, "--decode-steps", "2"], capsys)
+    assert code == 0 and "note: sc2deploy.json records no sha256 of the source checkpoint" in out
+
+
+# ---------------------------------------------------------------- the chunked reference and progress lines
+@pytest.mark.parametrize("chunk", [1, 7, W, 50])
+def test_chunked_reference_equals_one_shot_prefill(chunk):
+    """Prompts longer than the window, prefilled in chunks through the ring cache: the same logits as one pass
+    (fp32, 1e-5), and the same cache (the decode steps after it, two windows on, agree too)."""
+    source = RandomSource(TINY, SEED)
+    one_shot = EagerRuntime(source, max_batch=3)
+    chunked = parity.ChunkedReference(source, max_batch=3, chunk=chunk)
+    assert chunked.capacity == W  # a ring of one window: chunks past it must use the cached keys
+    prompt = [(37 * i + 11) % TINY.vocab_size for i in range(2 * W + 5)]
+    expected, got = one_shot.prefill(0, prompt, all_logits=True), chunked.prefill(0, prompt, all_logits=True)
+    assert got.shape == expected.shape == (len(prompt), TINY.vocab_size)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked.prefill(1, prompt), one_shot.prefill(1, prompt), rtol=0, atol=1e-5)
+    for step in range(2 * W):
+        token = (5 * step + 3) % TINY.vocab_size
+        torch.testing.assert_close(chunked.decode([0], [token]), one_shot.decode([0], [token]), rtol=0, atol=1e-5)
+    batch = [prompt[:5], prompt[:W + 3], prompt[3:3 + W // 2 + 1]]
+    for got_row, expected_row in zip(chunked.prefill_batch(batch), one_shot.prefill_batch(batch)):
+        torch.testing.assert_close(got_row, expected_row, rtol=0, atol=1e-5)
+    assert chunked.decode([0, 1, 2], [1, 2, 3]).shape == (3, TINY.vocab_size)
+
+
+def test_chunked_reference_passes_the_suite_against_one_shot(suite):
+    report = parity.run_suite(parity.ChunkedReference(RandomSource(TINY, SEED), max_batch=3, chunk=5), eager(),
+                              suite, parity.tolerances_for("fp32"))
+    assert report.passed, [c.failures for c in report.cases]
+
+
+def test_parity_piped_prints_stage_lines(ort_artifact):
+    """Long work is not silent when stderr is a pipe: a line per step (and a heartbeat every few seconds)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sc2deploy.cli", "parity", str(ort_artifact), "--decode-steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    for expected in ("parity: loading the ort runtime under test", "parity: loading the eager fp32 reference",
+                     "parity: case 1/5 short (a short code prompt): the eager reference ...",
+                     f"parity: case 2/5 long (a {2 * W + 5}-token prompt, window {W}): the ort runtime ...",
+                     "parity: case 5/5 decode"):
+        assert any(line.startswith(expected) for line in lines), (expected, lines)
 
 
 @pytest.mark.parametrize("dtype, corruption", [("fp32", None), ("bf16", None), ("fp32", "window")])

@@ -17,7 +17,7 @@ from sc2deploy.tokenizer import (
     validate_text,
 )
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "starcoder2-tokenizer"
+VECTORS = Path(__file__).resolve().parent / "data" / "starcoder2-tokenizer"  # see its PROVENANCE.md
 SEP = "\n__ggml_vocab_test__\n"
 
 
@@ -92,11 +92,18 @@ def test_decode_special_tokens_and_range(tok):
 
 # ---- loading ------------------------------------------------------------------------------------
 
+PACKAGED_SHA256 = "a6988a50c221a79a9fad1e6e43b1ee27b051706048f07d5fb3de02bd4f17e82e"  # recorded in its PROVENANCE.md
+
+
 def test_load_packaged_and_checkpoint_dir(tmp_path):
-    assert packaged_tokenizer_path().read_bytes() == (VECTORS / "tokenizer.json").read_bytes()
+    import hashlib
+
+    packaged = packaged_tokenizer_path()
+    assert hashlib.sha256(packaged.read_bytes()).hexdigest() == PACKAGED_SHA256
+    assert PACKAGED_SHA256 in (packaged.parent / "PROVENANCE.md").read_text(encoding="utf-8")
     assert Tokenizer.load().source == "sc2deploy/data/tokenizer.json"
     assert Tokenizer.load(tmp_path).source == "sc2deploy/data/tokenizer.json"  # no tokenizer.json there
-    shutil.copyfile(VECTORS / "tokenizer.json", tmp_path / "tokenizer.json")
+    shutil.copyfile(packaged, tmp_path / "tokenizer.json")
     for given_path in (tmp_path, str(tmp_path), tmp_path / "tokenizer.json"):
         loaded = Tokenizer.load(given_path)
         assert loaded.source == str(tmp_path / "tokenizer.json")
@@ -104,7 +111,7 @@ def test_load_packaged_and_checkpoint_dir(tmp_path):
 
 
 def test_checkpoint_tokenizer_is_preferred(tmp_path):
-    data = json.loads((VECTORS / "tokenizer.json").read_text(encoding="utf-8"))
+    data = json.loads(packaged_tokenizer_path().read_text(encoding="utf-8"))
     data["model"]["merges"] = []  # same vocabulary, no merges: every byte is its own token
     (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     assert len(Tokenizer.load(tmp_path).encode("Hello world")) == len("Hello world")

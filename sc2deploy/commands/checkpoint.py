@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sc2deploy.checkpoint import RandomSource, write_checkpoint
-from sc2deploy.commands.common import add_dtype, add_size, progress_bar
+from sc2deploy.commands.common import (add_dtype, add_renamed_seed, add_size, add_weights_seed, check_renamed_seed,
+                                       progress_bar)
 from sc2deploy.config import preset
 from sc2deploy.errors import UserError
 from sc2deploy.tokenizer import packaged_tokenizer_path
@@ -19,19 +20,22 @@ def register(subparsers) -> None:
                     "appears only when complete.")
     add_size(p, required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to create (must not exist or be empty)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_weights_seed(p)
+    add_renamed_seed(p)
     p.add_argument("--force", action="store_true", help="replace an earlier checkpoint in --out")
     add_dtype(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_renamed_seed(args)
     config = preset(args.size)
     if args.dtype not in ("fp32", "fp16", "bf16"):
         raise UserError(f"unknown dtype {args.dtype!r}; choose one of fp32, fp16, bf16")
-    source = RandomSource(config, args.seed)
+    source = RandomSource(config, args.weights_seed)
     with progress_bar(config.weight_bytes(args.dtype), f"writing {args.size}") as bar:
         out = write_checkpoint(source, Path(args.out), args.dtype, packaged_tokenizer_path(), progress=bar.update,
                                force=args.force)
-    print(f"wrote {out} ({config.weight_bytes(args.dtype) / 1e9:.2f} GB of {args.dtype} weights, seed {args.seed})")
+    print(f"wrote {out} ({config.weight_bytes(args.dtype) / 1e9:.2f} GB of {args.dtype} weights, "
+          f"seed {args.weights_seed})")
     return 0

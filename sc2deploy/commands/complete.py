@@ -20,11 +20,12 @@ def register(subparsers) -> None:
         description="Send PROMPT to a `sc2deploy serve` server and print the completion. With --suffix the "
                     "server builds a fill-in-the-middle prompt (PROMPT is the code before the cursor). With "
                     "--stream the text is printed as it is generated. The finish reason and token counts go "
-                    "to stderr. The API key comes from --api-key-file or the SC2DEPLOY_API_KEY variable.",
+                    "to stderr. The API key comes from --api-key-file or the SC2DEPLOY_API_KEY variable. "
+                    "--json prints finish_reason as length, eos, stop or cancelled, as `generate --json` does.",
         epilog="examples:\n"
                "  sc2deploy complete --server localhost:50051 'def fib(n):'\n"
-               "  sc2deploy complete --server localhost:50051 --stream --suffix '    return b' "
-               "'def fib(n):\\n    a, b = 0, 1\\n'\n"
+               "  sc2deploy complete --server localhost:50051 --stream --suffix $'    return b\\n' \\\n"
+               "      $'def fib(n):\\n    a, b = 0, 1\\n'    # fill in the middle; bash's $'...' makes \\n a newline\n"
                "  echo 'import os' | sc2deploy complete --server localhost:50051 --json -\n"
                "  sc2deploy complete --server localhost:50051 --info",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,11 +63,18 @@ def run(args) -> int:
         from google.protobuf.json_format import MessageToDict
     except ImportError as e:
         raise UserError(f"the client needs the `serve` extra ({e.name} is missing): pip install 'sc2deploy[serve]'")
-    from sc2deploy.serving.client import FINISH_NAMES, Client, make_request
+    from sc2deploy.serving.client import FINISH_NAMES, Client, describe_error, make_request
 
     client = Client(args.server, tls=args.tls, root_certificates=_read(args.tls_ca, "--tls-ca") if args.tls_ca else None,
                     api_key=_api_key(args), server_name=args.server_name)
-    as_dict = lambda message: MessageToDict(message, preserving_proto_field_name=True)  # noqa: E731
+
+    def as_dict(message) -> dict:
+        """The message as JSON, with finish_reason's short name (length, eos, stop, cancelled) as in generate."""
+        out = MessageToDict(message, preserving_proto_field_name=True)
+        if "finish_reason" in out:
+            out["finish_reason"] = FINISH_NAMES.get(message.finish_reason, out["finish_reason"])
+        return out
+
     try:
         if args.info:
             info = client.info(timeout=args.timeout)
@@ -99,8 +107,9 @@ def run(args) -> int:
                 notice(f"[{FINISH_NAMES.get(summary.finish_reason, '?')}; {summary.usage.completion_tokens} tokens; "
                        f"prompt {summary.usage.prompt_tokens} tokens]")
     except grpc.RpcError as e:
-        error = UserError(f"the server at {args.server} answered {e.code().name}: {e.details()}")
-        error.exit_code = 1
+        message, exit_code = describe_error(e, args.server)
+        error = UserError(message)
+        error.exit_code = exit_code
         raise error from None
     finally:
         client.close()

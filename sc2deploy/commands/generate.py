@@ -1,11 +1,11 @@
 """sc2deploy generate: one completion from any runtime."""
 from __future__ import annotations
 
+import argparse
 import sys
 
-from sc2deploy.checkpoint import open_source
-from sc2deploy.commands.common import (add_device, add_dtype, add_weights, check_choice, notice, positive_int,
-                                       print_json, resolve_device)
+from sc2deploy.commands.common import (StageLog, add_device, add_run_dtype, add_weights, check_dtype, infer_backend,
+                                       notice, open_weights, positive_int, print_json, resolve_device, runtime_folder)
 from sc2deploy.errors import UserError
 from sc2deploy.generation import check_fits, generate
 from sc2deploy.runtime import BACKENDS, open_runtime
@@ -19,13 +19,15 @@ def register(subparsers) -> None:
         description="Generate a completion. The weights come from --checkpoint, from --size (seeded random "
                     "weights), from an export --artifact (ort backend) or an --engine (trt backend). The prompt is "
                     "text, token ids, or a fill-in-the-middle pair (--fim-prefix/--fim-suffix). Greedy unless "
-                    "--temperature is above 0.",
-        epilog="example: sc2deploy generate --size tiny --prompt 'def fib(n):' --max-new-tokens 16 --json")
+                    "--temperature is above 0. Without --backend: ort with --artifact, trt with --engine, else "
+                    "eager.",
+        epilog="example: sc2deploy generate --size tiny --prompt 'def fib(n):' --max-tokens 16 --json")
     add_weights(p, seed_flag="--weights-seed")
     p.add_argument("--artifact", metavar="DIR", help="export artifact folder (for --backend ort)")
     p.add_argument("--engine", metavar="DIR", help="TensorRT engine folder (for --backend trt)")
-    p.add_argument("--backend", default="eager", metavar="NAME", help=f"runtime: {', '.join(BACKENDS)} (default eager)")
-    add_dtype(p)
+    p.add_argument("--backend", metavar="NAME",
+                   help=f"runtime: {', '.join(BACKENDS)} (default: ort with --artifact, trt with --engine, else eager)")
+    add_run_dtype(p)
     add_device(p)
     prompt = p.add_argument_group("prompt (one of)")
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text")
@@ -33,7 +35,9 @@ def register(subparsers) -> None:
     prompt.add_argument("--fim-prefix", metavar="TEXT", help="code before the cursor (with --fim-suffix)")
     prompt.add_argument("--fim-suffix", metavar="TEXT", help="code after the cursor (with --fim-prefix)")
     sampling = p.add_argument_group("sampling")
-    sampling.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)")
+    sampling.add_argument("--max-tokens", type=int, default=64, metavar="N", help="tokens to generate at most (default 64)")
+    sampling.add_argument("--max-new-tokens", dest="max_tokens", type=int, default=argparse.SUPPRESS,
+                          help=argparse.SUPPRESS)  # the earlier name, kept working
     sampling.add_argument("--greedy", action="store_true", help="pick the most likely token (the default)")
     sampling.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 = greedy")
     sampling.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1)")
@@ -67,27 +71,39 @@ def prompt_ids(args, tokenizer: Tokenizer) -> list[int]:
 
 
 def run(args) -> int:
-    check_choice(args.backend, BACKENDS, "backend")
-    device = resolve_device(args.device, args.backend)
-    if args.backend == "trt":
+    backend = infer_backend(args)
+    device = resolve_device(args.device, backend)
+    if backend == "trt":
         from sc2deploy.plugins.trt_env import require_tensorrt
 
         require_tensorrt("--backend trt")
     if args.greedy and args.temperature:
         raise UserError("--greedy and --temperature > 0 contradict each other; give one")
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(validate_text(s, "--stop") for s in args.stop))
-    on_weights = args.backend in ("eager", "cuda")
-    source = open_source(args.checkpoint, args.size, args.weights_seed, notice) if on_weights else None
-    tokenizer = Tokenizer.load(args.checkpoint or args.artifact or args.engine)
+    on_weights = backend in ("eager", "cuda")
+    folder = None if on_weights else runtime_folder(args, backend)
+    dtype = check_dtype(args, backend, folder)
+    if on_weights and args.checkpoint is None and args.size is None and (args.artifact or args.engine):
+        given = "--artifact" if args.artifact else "--engine"
+        raise UserError(f"the {backend} backend runs --checkpoint DIR or --size SIZE; {given} is for --backend "
+                        f"{'ort' if args.artifact else 'trt'} (or leave --backend out)")
+    source = open_weights(args.checkpoint, args.size, args.weights_seed) if on_weights else None
+    tokenizer = Tokenizer.load(args.checkpoint if on_weights else folder)
     ids = prompt_ids(args, tokenizer)
     if source is not None:
         check_fits(len(ids), params.max_new_tokens, source.config.max_position_embeddings)
     options: dict = {"threads": args.threads} if args.threads else {}
     if on_weights:
         options["device"] = device
-    runtime = open_runtime(args.backend, source=source, artifact=args.artifact, engine=args.engine, dtype=args.dtype,
-                           capacity=len(ids) + params.max_new_tokens, **options)
+    with StageLog() as stage:
+        where = args.checkpoint or (f"--size {args.size}" if on_weights else folder)
+        stage(f"generate: loading the {backend} runtime ({where}) ...", show=False)
+        runtime = open_runtime(backend, source=source, artifact=args.artifact, engine=args.engine, dtype=dtype,
+                               capacity=len(ids) + params.max_new_tokens, **options)
+        stage.end()
     stop_ids = tokenizer.fim_stop_token_ids if args.fim_prefix is not None else tokenizer.stop_token_ids
     result = generate(runtime, tokenizer, ids, params, stop_ids)
     if args.json:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from sc2deploy.commands.common import add_device, check_choice, notice, positive_int, print_json, resolve_device
+from sc2deploy.commands.common import (StageLog, add_device, check_choice, folder_kind, positive_int, print_json,
+                                       refuse_export_as_checkpoint, resolve_device)
+from sc2deploy.errors import UserError
 from sc2deploy.parity import DECODE_STEPS, DEFAULT_TOLERANCES
 
 
@@ -31,7 +32,11 @@ KL(eager || runtime), the first decode step where the greedy tokens differ, and 
 that step is a near-tie (eager's top-2 margin within the tolerance: noise, not a bug).
 The runtime under test is fed eager's greedy tokens, so logits stay comparable after a
 near-tie. Reference weights: --checkpoint, else the source checkpoint or random seed that
-the folder's sc2deploy.json records.
+the folder's sc2deploy.json records; a source checkpoint must still match the sha256 of its
+files recorded at export (if it changed since, re-export). The reference prefills prompts
+512 tokens at a time through its KV cache (exact), so its memory does not grow with the
+prompt beyond the logits compared. Each step prints a line on stderr, and a line every 5 s
+while it runs, whether stderr is a terminal or not.
 
 exit status: 0 every case passes, 1 a case fails, 2 the check could not run."""
 
@@ -83,11 +88,24 @@ def run(args) -> int:
     from sc2deploy.parity import check, format_table
 
     check_choice(args.backend, ("ort", "trt", "eager", "cuda"), "backend")
+    if args.backend == "trt" and folder_kind(args.folder) == "engine":  # before any work: TensorRT is there
+        from sc2deploy.plugins.trt_env import require_tensorrt
+
+        require_tensorrt("--backend trt")
     device = resolve_device(args.device, args.backend)
-    progress = notice if sys.stderr.isatty() else None
-    report = check(args.folder, backend=args.backend, checkpoint=args.checkpoint, prompts=args.prompts,
-                   decode_steps=args.decode_steps, atol=args.atol, rtol=args.rtol, kl=args.kl,
-                   threads=args.threads, device=device, dtype=args.dtype, progress=progress)
+    if args.checkpoint is not None:
+        refuse_export_as_checkpoint(args.checkpoint, "--checkpoint names the reference weights: the Hugging Face "
+                                    "checkpoint the folder was made from (or leave it out: sc2deploy.json names it)")
+    kind = folder_kind(args.folder)
+    if args.backend in ("eager", "cuda") and kind in ("artifact", "engine"):
+        other = "ort" if kind == "artifact" else "trt"
+        raise UserError(f"{args.folder} is {'an export artifact' if kind == 'artifact' else 'a TensorRT engine folder'}"
+                        f", not a checkpoint; check it with --backend {other}"
+                        + (" (the default)" if other == "ort" else ""))
+    with StageLog() as progress:  # stage lines, and a line every few seconds while one runs: also when piped
+        report = check(args.folder, backend=args.backend, checkpoint=args.checkpoint, prompts=args.prompts,
+                       decode_steps=args.decode_steps, atol=args.atol, rtol=args.rtol, kl=args.kl,
+                       threads=args.threads, device=device, dtype=args.dtype, progress=progress)
     if args.json:
         print_json(report.to_dict())
     else:

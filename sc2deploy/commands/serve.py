@@ -9,8 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
-from sc2deploy.commands.common import (add_device, add_dtype, add_weights, check_choice, notice, positive_int,
-                                       resolve_device)
+from sc2deploy.commands.common import (StageLog, add_device, add_run_dtype, add_weights, check_dtype, infer_backend,
+                                       notice, open_weights, positive_int, resolve_device, runtime_folder)
 from sc2deploy.errors import UserError
 from sc2deploy.runtime import BACKENDS
 
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     weights.add_argument("--backend", metavar="NAME",
                          help=f"runtime: {', '.join(BACKENDS)} (default: ort with --artifact, trt with --engine, "
                               "else eager)")
-    add_dtype(weights)
+    add_run_dtype(weights)
     add_device(weights)
     weights.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of the runtime (default: all)")
     net = p.add_argument_group("network")
@@ -95,32 +95,31 @@ def register(subparsers) -> None:
 
 def open_model(args):
     """(runtime, tokenizer, source description) for the serve arguments."""
-    from sc2deploy.checkpoint import open_source
     from sc2deploy.config import Config
     from sc2deploy.runtime import open_runtime
     from sc2deploy.tokenizer import Tokenizer
 
-    backend = args.backend or ("ort" if args.artifact else "trt" if args.engine else "eager")
-    check_choice(backend, BACKENDS, "backend")
+    backend = infer_backend(args)
     device = resolve_device(args.device, backend)
     on_weights = backend in ("eager", "cuda")
-    folder = args.checkpoint if on_weights else args.artifact if backend == "ort" else args.engine
+    folder = args.checkpoint if on_weights else runtime_folder(args, backend)
+    dtype = check_dtype(args, backend, None if on_weights else folder)
     source = None
     if on_weights:
-        source = open_source(args.checkpoint, args.size, args.weights_seed, notice)
+        source = open_weights(args.checkpoint, args.size, args.weights_seed)
         config = source.config
         where = args.checkpoint or f"--size {args.size} (random weights, seed {args.weights_seed})"
     else:
-        if folder is None:
-            raise UserError(f"the {backend} backend needs --{'artifact' if backend == 'ort' else 'engine'} DIR")
         config = Config.load(folder) if (Path(folder) / "config.json").is_file() else None
         where = folder
     capacity = config.cache_positions(args.context) if config is not None else None
     options: dict = {"threads": args.threads} if args.threads else {}
     if on_weights:
-        options.update(dtype=args.dtype, device=device)
-    runtime = open_runtime(backend, source=source, artifact=args.artifact, engine=args.engine,
-                           max_batch=args.max_batch, capacity=capacity, **options)
+        options.update(dtype=dtype, device=device)
+    with StageLog() as stage:
+        stage(f"serve: loading the {backend} runtime ({where}) ...", show=False)
+        runtime = open_runtime(backend, source=source, artifact=args.artifact, engine=args.engine,
+                               max_batch=args.max_batch, capacity=capacity, **options)
     return runtime, Tokenizer.load(folder), where
 
 
@@ -151,7 +150,7 @@ def run(args) -> int:
         tls_cert=_read(args.tls_cert, "--tls-cert"), tls_key=_read(args.tls_key, "--tls-key"),
         api_keys=read_api_keys(args.api_key_file) if args.api_key_file else None)
     # Check what can be checked before loading the model (minutes for a large one).
-    if options.tls_cert is not None:
+    if options.tls_cert is not None and options.tls_key is not None:
         server_ssl_context(options.tls_cert, options.tls_key)
     check_bindable(options.host, options.port, "--port")
     if options.metrics_port is not None:

@@ -29,8 +29,9 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
     from sc2deploy.export.manifest import write_manifest
     from sc2deploy.export.weights import DATA_FILE, weights_bytes, write_weights
 
-    config = source.config
+    config = source.config  # validated when the source was made, as every runtime validates the manifest's copy
     check_target(target, dtype, config)
+    tokenizer_json = _tokenizer_json(source)
     out = Path(out)
     check_destination(out, force)  # fail before the slow part
     graph = build_graph(config, dtype, target)
@@ -44,7 +45,7 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         if target == "ort":
             write_genai_files(tmp, config, MODEL_FILE)
-        shutil.copyfile(_tokenizer_json(source), tmp / TOKENIZER_FILE)
+        shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
         g = graph.model.graph
         body = {
             "config": config.to_hf_dict(),
@@ -72,10 +73,15 @@ def source_info(source: TensorSource) -> dict:
 
 
 def _tokenizer_json(source: TensorSource) -> Path:
-    from sc2deploy.tokenizer import packaged_tokenizer_path
+    """The tokenizer.json the artifact ships: the checkpoint's own, else the packaged one. The checkpoint's is
+    loaded here exactly as `generate --checkpoint` loads it, so one that the artifact's users (generate, serve,
+    parity: Tokenizer.load) would refuse fails the export instead."""
+    from sc2deploy.tokenizer import Tokenizer, packaged_tokenizer_path
 
-    if isinstance(source, CheckpointSource) and (source.folder / TOKENIZER_FILE).is_file():
-        return source.folder / TOKENIZER_FILE
+    if isinstance(source, CheckpointSource):
+        Tokenizer.load(source.folder)
+        if (source.folder / TOKENIZER_FILE).is_file():
+            return source.folder / TOKENIZER_FILE
     return packaged_tokenizer_path()
 
 

@@ -13,6 +13,36 @@ FINISH_NAMES = {pb.FINISH_REASON_UNSPECIFIED: "unspecified", pb.FINISH_REASON_LE
                 pb.FINISH_REASON_EOS: "eos", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_CANCELLED: "cancelled"}
 
 
+# How `sc2deploy complete` (and any CLI) reports a failed call: the user's mistakes exit 2 with the fix, like every
+# other bad input; the server's failures exit 1. Each maps to (exit status, what to do).
+_CODE_ADVICE: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (2, "fix the request"),
+    grpc.StatusCode.OUT_OF_RANGE: (2, "fix the request"),
+    grpc.StatusCode.FAILED_PRECONDITION: (2, "fix the request"),
+    grpc.StatusCode.UNAUTHENTICATED: (2, "give the server's API key with --api-key-file FILE or SC2DEPLOY_API_KEY"),
+    grpc.StatusCode.PERMISSION_DENIED: (2, "give an API key this server accepts"),
+    grpc.StatusCode.UNIMPLEMENTED: (2, "is --server the address of `sc2deploy serve`, and is the client as new as "
+                                       "the server?"),
+    grpc.StatusCode.NOT_FOUND: (2, "is --server the address of `sc2deploy serve`?"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (2, "send a smaller request, or retry when the server is less busy"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (1, "raise --timeout or lower --max-tokens"),
+    grpc.StatusCode.UNAVAILABLE: (2, "is `sc2deploy serve` running there? check --server HOST:PORT, and "
+                                     "--tls/--tls-ca if the server uses TLS (or drop them if it does not)"),
+}
+
+
+def describe_error(error: grpc.RpcError, target: str) -> tuple[str, int]:
+    """(one line, exit status) for a failed call to `target`: 2 for what the user can fix (a bad request, a
+    missing or wrong API key, an address with no server, a request over a limit), 1 for the server's failures."""
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = error.details() if callable(getattr(error, "details", None)) else str(error)
+    details = " ".join(str(details or "").split()) or "no details"
+    exit_code, advice = _CODE_ADVICE.get(code, (1, "the server failed; see its log"))
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach a server at {target} (UNAVAILABLE: {details}); {advice}", exit_code
+    return f"the server at {target} answered {code.name}: {details}; {advice}", exit_code
+
+
 def make_request(prompt: str, suffix: str = "", *, max_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float | None = None, top_k: int = 0, seed: int | None = None, stop=(), logprobs: int = 0,
                  repo_name: str = "", file_path: str = "", context_files=()) -> pb.CompleteRequest:

@@ -23,6 +23,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from importlib import metadata
 
 import grpc
@@ -281,8 +282,11 @@ class CompletionServer:
         self.limits = Limits(context_length=context_length(runtime, options.context_length),
                              default_max_tokens=options.default_max_tokens)
         self.keys = KeyRing(options.api_keys) if options.api_keys else None
-        self.tls = (server_ssl_context(options.tls_cert, options.tls_key) if options.tls_cert is not None
-                    else None)  # checks the PEM files before anything listens
+        self.tls = None
+        if options.tls_cert is not None or options.tls_key is not None:
+            if options.tls_cert is None or options.tls_key is None:
+                raise UserError("--tls-cert and --tls-key go together")
+            self.tls = server_ssl_context(options.tls_cert, options.tls_key)  # checks the PEM pair before listening
         self.metrics = Metrics()
         self.scheduler = Scheduler(runtime, tokenizer, max_queue=options.max_queue,
                                    prefill_tokens=options.prefill_tokens, metrics=self.metrics)
@@ -295,7 +299,7 @@ class CompletionServer:
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="sc2deploy-grpc", daemon=True)
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
-        self.metrics_http = None
+        self.metrics_http: ThreadingHTTPServer | None = None
         self.metrics_port: int | None = None
 
     def _call(self, coroutine):

@@ -6,6 +6,8 @@ import json
 import pytest
 
 from sc2deploy.cli import main
+from sc2deploy.config import Config
+from sc2deploy.errors import UserError
 from sc2deploy.export.manifest import MANIFEST
 
 
@@ -17,7 +19,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 def test_export_random_weights_with_notice_and_json(tmp_path, capsys):
     code, out, err = run(capsys, "--size", "tiny", "--target", "trt", "--out", str(tmp_path / "a"), "--json",
-                         "--seed", "3")
+                         "--weights-seed", "3")
     assert code == 0, err
     assert "random weights" in err and "seed 3" in err
     summary = json.loads(out)
@@ -70,3 +72,35 @@ def test_help_reads_like_a_man_page(capsys):
     text = capsys.readouterr().out
     for words in ("--target", "SlidingWindowGQA", "GroupQueryAttention", "sc2deploy.json", "examples:", "exit status"):
         assert words in text
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("garbage tokenizer", lambda folder: (folder / "tokenizer.json").write_text("garbage"),
+     "cannot read tokenizer file"),
+    ("not a StarCoder2 tokenizer", lambda folder: (folder / "tokenizer.json").write_text(json.dumps(
+        {"version": "1.0", "added_tokens": [], "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})),
+     "is not a StarCoder2 tokenizer"),
+    ("sliding_window -1", lambda folder: edit_config(folder, sliding_window=-1), "sliding_window is -1"),
+    ("max_position_embeddings 0", lambda folder: edit_config(folder, max_position_embeddings=0),
+     "max_position_embeddings is 0"),
+])
+def test_export_refuses_what_loading_refuses_and_leaves_nothing(store, tmp_path, capsys, case, change, message):
+    """What `generate --checkpoint` refuses (config values, tokenizer.json) fails the export, not the artifact's
+    first use: exit 2, one line, no artifact and no partial folder."""
+    import shutil
+
+    from sc2deploy.tokenizer import Tokenizer
+
+    folder = tmp_path / "ck"
+    shutil.copytree(store.checkpoint()[0], folder)
+    change(folder)
+    with pytest.raises(UserError, match=message):  # the same refusal as the artifact's users would give
+        Tokenizer.load(folder) if "tokenizer" in case else Config.load(folder)
+    code, out, err = run(capsys, "--checkpoint", str(folder), "--out", str(tmp_path / "a"))
+    assert code == 2 and out == "" and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def edit_config(folder, **changes) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))

@@ -64,3 +64,13 @@ def test_missing_file_is_named(artifact):
 def test_trt_artifact_is_refused_by_the_ort_runtime(store):
     with pytest.raises(UserError, match="exported for --target trt"):
         OrtRuntime(store.artifact(target="trt"))
+
+
+def test_the_source_checkpoint_hashes_are_those_of_its_files(store):
+    """What `parity` checks the source checkpoint against: the sha256 of each weight file, recorded at export."""
+    from sc2deploy.checkpoint import sha256_file
+
+    folder, _ = store.checkpoint()
+    source = json.loads((store.artifact() / MANIFEST).read_text())["source"]
+    assert source["kind"] == "checkpoint" and source["path"] == str(folder.resolve())
+    assert source["sha256"] == {"model.safetensors": sha256_file(folder / "model.safetensors")}

@@ -5,7 +5,6 @@ import urllib.request
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sc2deploy.cli import main
@@ -88,7 +87,7 @@ def test_tls_with_api_key_and_the_complete_command(make_server, tls_files, tmp_p
         command = ["complete", "--server", both.target, "--tls-ca", str(tmp_path / "ca.pem"), "--max-tokens", "2"]
         assert main(command + ["--api-key-file", str(tmp_path / "key.txt"), "x"]) == 0
         assert "[" in capsys.readouterr().err
-        assert main(command + ["x"]) == 1
+        assert main(command + ["x"]) == 2  # a missing key is the user's to fix
         assert "UNAUTHENTICATED" in capsys.readouterr().err
 
 
@@ -123,10 +122,10 @@ def test_complete_command_prints_what_generate_prints(server, capsys):
 
 
 def test_complete_command_errors_are_messages(server, capsys):
-    assert main(["complete", "--server", server.target, "--max-tokens", "2000", "x"]) == 1
+    assert main(["complete", "--server", server.target, "--max-tokens", "2000", "x"]) == 2
     err = capsys.readouterr().err
     assert "INVALID_ARGUMENT" in err and "Traceback" not in err
-    assert main(["complete", "--server", "127.0.0.1:1", "--timeout", "2", "x"]) == 1
+    assert main(["complete", "--server", "127.0.0.1:1", "--timeout", "2", "x"]) == 2
     assert "UNAVAILABLE" in capsys.readouterr().err
     assert main(["complete", "--server", server.target]) == 2
     assert "give a PROMPT" in capsys.readouterr().err
