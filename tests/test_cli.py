@@ -228,7 +228,7 @@ def test_generate_names_the_folder_that_is_missing_or_of_the_wrong_kind(store, t
 def test_progress_is_logged_when_stderr_is_not_a_terminal(capsys):
     import time
 
-    from sc2deploy.commands.common import LogBar, StageLog, progress_bar
+    from sc2deploy.commands.progress import LogBar, StageLog, progress_bar
 
     with progress_bar(3 * 2**30, "export: writing weights") as bar:
         assert isinstance(bar, LogBar)  # capsys: stderr is not a terminal

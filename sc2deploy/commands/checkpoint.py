@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sc2deploy.checkpoint import RandomSource, write_checkpoint
-from sc2deploy.commands.common import (add_dtype, add_renamed_seed, add_size, add_weights_seed, check_renamed_seed,
-                                       progress_bar)
+from sc2deploy.commands.common import add_dtype, add_renamed_seed, add_size, add_weights_seed, check_renamed_seed
+from sc2deploy.commands.progress import progress_bar
 from sc2deploy.config import preset
 from sc2deploy.errors import UserError
 from sc2deploy.tokenizer import packaged_tokenizer_path

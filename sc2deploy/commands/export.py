@@ -5,8 +5,9 @@ import contextlib
 import time
 from pathlib import Path
 
-from sc2deploy.commands.common import (StageLog, add_renamed_seed, add_size, add_weights_seed, check_renamed_seed,
-                                       open_weights, print_json, progress_bar)
+from sc2deploy.commands.common import (add_renamed_seed, add_size, add_weights_seed, check_renamed_seed,
+                                       open_weights, print_json)
+from sc2deploy.commands.progress import StageLog, progress_bar
 from sc2deploy.errors import UserError
 
 DESCRIPTION = """\

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sc2deploy.commands.common import (StageLog, add_device, add_run_dtype, add_weights, check_dtype, infer_backend,
-                                       notice, open_weights, positive_int, print_json, resolve_device, runtime_folder)
+from sc2deploy.commands.common import (add_device, add_run_dtype, add_weights, check_dtype, infer_backend, notice,
+                                       open_weights, positive_int, print_json, resolve_device, runtime_folder)
+from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
 from sc2deploy.generation import check_fits, generate
 from sc2deploy.runtime import BACKENDS, open_runtime

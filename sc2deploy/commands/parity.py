@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from sc2deploy.commands.common import (StageLog, add_device, check_choice, folder_kind, positive_int, print_json,
+from sc2deploy.commands.common import (add_device, check_choice, folder_kind, positive_int, print_json,
                                        refuse_export_as_checkpoint, resolve_device)
+from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
 from sc2deploy.parity import DECODE_STEPS, DEFAULT_TOLERANCES
 

@@ -9,8 +9,9 @@ import sys
 import threading
 from pathlib import Path
 
-from sc2deploy.commands.common import (StageLog, add_device, add_run_dtype, add_weights, check_dtype, infer_backend,
-                                       notice, open_weights, positive_int, resolve_device, runtime_folder)
+from sc2deploy.commands.common import (add_device, add_run_dtype, add_weights, check_dtype, infer_backend, notice,
+                                       open_weights, positive_int, resolve_device, runtime_folder)
+from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
 from sc2deploy.runtime import BACKENDS
 
