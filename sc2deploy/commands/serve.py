@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import socket
@@ -125,13 +126,15 @@ def open_model(args):
 
 
 def run(args) -> int:
-    try:
-        import grpc  # noqa: F401
-        import grpc_health  # noqa: F401
-        import grpc_reflection  # noqa: F401
-        import prometheus_client  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"serving needs the `serve` extra ({e.name} is missing): pip install 'sc2deploy[serve]'")
+    from sc2deploy.config import Config
+
+    folder = args.checkpoint or args.artifact or args.engine
+    if folder is not None and (Path(folder) / "config.json").is_file():
+        Config.load(folder)  # a bad config.json fails now, before the serving stack is imported
+    missing = [name for name in ("grpc", "grpc_health", "grpc_reflection", "prometheus_client")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"serving needs the `serve` extra ({missing[0]} is missing): pip install 'sc2deploy[serve]'")
     from sc2deploy.serving.auth import read_api_keys, server_ssl_context
     from sc2deploy.serving.server import CompletionServer, ServerOptions
 
