@@ -4,7 +4,7 @@ All three run the same weights (the `bench` preset, ~111M parameters, random, wr
 Hugging Face checkpoint and exported to an ort artifact), greedy, at batch 1 and batch 8, in one
 process with the same thread count. The decode ceiling is measured in the same run: tokens/s
 <= memory bandwidth / bytes of weights read per decode step (times the batch, since a step
-reads the weights once for all rows). FACTS §4's hand-built ORT session (65.9 / 284 tok/s) is
+reads the weights once for all rows). The hand-built ORT session of docs/machines.md (65.9 / 284 tok/s) is
 shown as an anchor, and the same artifact through a plain session.run() (numpy feeds, no
 IOBinding) as a same-run baseline.
 Not a test: run it by hand, e.g.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-HANDBUILT_ORT = {1: 65.9, 8: 284.0}  # FACTS §4: plain ORT session on a hand-built GQA graph, decode tok/s
+HANDBUILT_ORT = {1: 65.9, 8: 284.0}  # docs/machines.md#the-decode-anchors: plain ORT session on a hand-built GQA graph, decode tok/s
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -211,7 +211,7 @@ def main() -> int:
             print(f"{batch:<6}{name:<15}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}"
                   f"{r['decode_tok_s'] / ceiling[batch]:>18.2f}{speedup:>12.2f}x")
         if batch in HANDBUILT_ORT:
-            print(f"{batch:<6}{'FACTS anchor':<15}{'':>14}{HANDBUILT_ORT[batch]:>14.1f}"
+            print(f"{batch:<6}{'anchor':<15}{'':>14}{HANDBUILT_ORT[batch]:>14.1f}"
                   f"{HANDBUILT_ORT[batch] / ceiling[batch]:>18.2f}{ort_decode / HANDBUILT_ORT[batch]:>12.2f}x")
         print(f"{batch:<6}{'ceiling':<15}{'':>14}{ceiling[batch]:>14.1f}")
     print(f"ort prefill with every position's logits (batch 1): {prefill_all_logits:.1f} tok/s")

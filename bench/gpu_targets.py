@@ -2,7 +2,7 @@
 
     python bench/gpu_targets.py WORK_DIR [--size 15b]
 
-WORK_DIR holds what gpu-check.sh's parts wrote: kernels.json (plugins.gpu_check.kernel_check),
+WORK_DIR holds what gpu-check.sh's parts wrote: kernels.json (bench/gpu_check.py: kernel_check),
 decode.json (bench/gpu_decode.py --json), serve_load.json (bench/serve_load.py --json),
 pytest_gpu.log and, per part, NAME.rc (exit status) and NAME.err (stderr). A part that did not
 run or failed is reported with its status and the tail of its stderr; a target whose figure is

@@ -117,7 +117,9 @@ def sliding_window_gqa_reference(
             visible &= distance < local_window_size
         scores = qf[:, :, :, start:end] @ kf.transpose(-1, -2) * scale  # (B, Nkv, G, s, T)
         scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # padded columns see nothing
+        # a padded query row sees no key: its softmax is 0/0, made 0 here (not nan_to_num: a NaN from the
+        # weights must stay NaN, as in transformers)
+        probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(-1)[:, None, None, :, None], 0.0)
         out[:, :, :, start:end] = probs @ vf
     out = out.view(batch, num_heads, seq_len, head_dim).transpose(1, 2).reshape(batch, seq_len, -1)
     out = out.masked_fill(~q_real[:, :, None], 0.0).to(query.dtype)

@@ -33,30 +33,19 @@ from typing import Any
 
 from sc2deploy.config import PRESETS, Config
 from sc2deploy.errors import UserError
-from sc2deploy import staging
-from sc2deploy.staging import MANIFEST, staging_folder
+from sc2deploy.contract import (ATTENTION_MASK, ENGINE, ENGINE_FILE, INPUT_IDS, MANIFEST, MODEL_FILE, PLUGIN_NAMESPACE,
+                                PLUGIN_VERSION, Manifest, graph_io, open_artifact_manifest, past_name, write_manifest)
 from sc2deploy.staging import check_destination as _check_destination
+from sc2deploy.staging import staging_folder
 
-ENGINE_FILE = "model.plan"
-FORMAT, FORMAT_VERSION = "sc2deploy-tensorrt-engine", 1
-ARTIFACT_FORMAT = "sc2deploy-onnx-artifact"
 BUILD_DTYPES = ("fp16", "bf16", "fp32")
 PLUGIN_MODES = ("aot", "jit")
-INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
 PREFILL, DECODE = "prefill", "decode"
-
-
-def past_name(layer: int, kind: str) -> str:
-    return f"past_key_values.{layer}.{kind}"
-
-
-def present_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}"
 
 
 # ---------------------------------------------------------------- settings
 @dataclass(frozen=True)
-class Limits:
+class EngineLimits:
     max_batch: int
     max_input_len: int
     max_seq_len: int
@@ -66,11 +55,11 @@ class Limits:
 # (C = 4096; the runtime keeps a second buffer for the plugin's present output): 3b bf16 240 MB,
 # 15b 640 MB a slot, so 16 / 8 / 8 slots leave most of an 80 GB GPU to weights and activations.
 PRESET_LIMITS = {
-    "3b": Limits(max_batch=16, max_input_len=4096, max_seq_len=16384),
-    "7b": Limits(max_batch=8, max_input_len=4096, max_seq_len=16384),
-    "15b": Limits(max_batch=8, max_input_len=4096, max_seq_len=16384),
-    "bench": Limits(max_batch=8, max_input_len=2048, max_seq_len=16384),
-    "tiny": Limits(max_batch=4, max_input_len=64, max_seq_len=1024),
+    "3b": EngineLimits(max_batch=16, max_input_len=4096, max_seq_len=16384),
+    "7b": EngineLimits(max_batch=8, max_input_len=4096, max_seq_len=16384),
+    "15b": EngineLimits(max_batch=8, max_input_len=4096, max_seq_len=16384),
+    "bench": EngineLimits(max_batch=8, max_input_len=2048, max_seq_len=16384),
+    "tiny": EngineLimits(max_batch=4, max_input_len=64, max_seq_len=1024),
 }
 
 
@@ -84,12 +73,12 @@ def preset_of(config: Config) -> str | None:
     return None
 
 
-def default_limits(config: Config) -> Limits:
+def default_limits(config: Config) -> EngineLimits:
     name = preset_of(config)
     if name is not None:
         return PRESET_LIMITS[name]
     context = config.max_position_embeddings
-    return Limits(max_batch=8, max_input_len=min(4096, context), max_seq_len=context)
+    return EngineLimits(max_batch=8, max_input_len=min(4096, context), max_seq_len=context)
 
 
 @dataclass(frozen=True)
@@ -175,15 +164,8 @@ def profiles(config: Config, settings: BuildSettings) -> list[Profile]:
     return [Profile(PREFILL, prefill), Profile(DECODE, decode)]
 
 
-def expected_io(config: Config) -> tuple[list[str], list[str]]:
-    n = config.num_hidden_layers
-    inputs = [INPUT_IDS, ATTENTION_MASK] + [past_name(i, k) for i in range(n) for k in ("key", "value")]
-    outputs = [LOGITS] + [present_name(i, k) for i in range(n) for k in ("key", "value")]
-    return inputs, outputs
-
-
 def check_graph_io(config: Config, inputs: list[str], outputs: list[str], where: str) -> None:
-    want_in, want_out = expected_io(config)
+    want_in, want_out = graph_io(config.num_hidden_layers, "trt")
     if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
         missing = sorted(set(want_in + want_out) - set(inputs + outputs))
         extra = sorted(set(inputs + outputs) - set(want_in + want_out))
@@ -195,7 +177,7 @@ def check_graph_io(config: Config, inputs: list[str], outputs: list[str], where:
 @dataclass
 class Artifact:
     folder: Path
-    manifest: dict
+    manifest: Manifest
     config: Config
     dtype: str
     model_path: Path
@@ -203,21 +185,16 @@ class Artifact:
 
 def open_artifact(folder: str | Path) -> Artifact:
     """The trt-target artifact at `folder` (files present and whole; hashes are the export's business)."""
-    from sc2deploy.export.manifest import verify_artifact
-
     folder = Path(folder)
-    manifest = verify_artifact(folder, hashes=False)
-    if manifest.get("target") != "trt":
-        raise UserError(f"{folder} was exported for --target {manifest.get('target')}; TensorRT builds need the "
-                        f"plugin graph: `sc2deploy export ... --target trt --out DIR`")
-    config = Config.from_hf_dict(manifest["config"], source=str(folder / "sc2deploy.json"))
-    graph = manifest.get("graph") or {}
-    model_path = folder / graph.get("file", "model.onnx")
+    manifest = open_artifact_manifest(folder, "trt", hashes=False)
+    config = Config.from_hf_dict(manifest.config, source=str(folder / MANIFEST))
+    graph = manifest.graph
+    model_path = folder / graph.get("file", MODEL_FILE)
     if not model_path.is_file():
         raise UserError(f"{folder} has no {model_path.name}; re-export the artifact")
     if graph.get("inputs") and graph.get("outputs"):
         check_graph_io(config, list(graph["inputs"]), list(graph["outputs"]), str(model_path))
-    return Artifact(folder, manifest, config, str(manifest.get("dtype", "fp32")), model_path)
+    return Artifact(folder, manifest, config, manifest.dtype, model_path)
 
 
 # ---------------------------------------------------------------- the graph TensorRT parses
@@ -232,7 +209,7 @@ def prepare_graph(model: Any, config: Config, plugin: str) -> int:
     """
     from onnx import helper
 
-    from sc2deploy.plugins.trt_rules import NAMESPACE, PLUGIN_VERSION, SPECS, PluginRuleError, check_attributes
+    from sc2deploy.plugins.trt_rules import SPECS, PluginRuleError, check_attributes
 
     expected = {"num_heads": config.num_attention_heads, "kv_num_heads": config.num_key_value_heads,
                 "local_window_size": config.sliding_window or 0}
@@ -256,7 +233,7 @@ def prepare_graph(model: Any, config: Config, plugin: str) -> int:
             namespace = namespace.decode() if isinstance(namespace, bytes) else str(namespace)
             version = attrs.get("plugin_version", b"1")
             version = version.decode() if isinstance(version, bytes) else str(version)
-            if namespace != NAMESPACE or version != PLUGIN_VERSION:
+            if namespace != PLUGIN_NAMESPACE or version != PLUGIN_VERSION:
                 raise UserError(f"{where} asks for plugin {namespace}::{spec.name} version {version}; this sc2deploy "
                                 f"provides {spec.plugin_id} version {PLUGIN_VERSION}")
             wrong = {k: attrs[k] for k, v in expected.items() if k in spec.attribute_names and attrs[k] != v}
@@ -285,96 +262,33 @@ def prepare_model_bytes(model_path: Path, config: Config, plugin: str) -> tuple[
 
 # ---------------------------------------------------------------- engine manifest
 def engine_manifest(*, artifact: Artifact, settings: BuildSettings, tensorrt_version: str, gpu: dict[str, str],
-                    plugin_hash: str, build_seconds: float, engine_bytes: int, engine_sha256: str) -> dict:
+                    plugin_hash: str, build_seconds: float, engine_bytes: int, engine_sha256: str) -> Manifest:
     """The engine folder's manifest; "plugin" names the plugins the engine holds and their sources' hash."""
     from sc2deploy import __version__
-    from sc2deploy.plugins.trt_rules import NAMESPACE, PLUGIN_VERSION, SPECS
+    from sc2deploy.plugins.trt_rules import SPECS
 
-    inputs, outputs = expected_io(artifact.config)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+    inputs, outputs = graph_io(artifact.config.num_hidden_layers, "trt")
+    return Manifest(ENGINE, artifact.config.to_hf_dict(), settings.dtype, details={
         "engine": {"file": ENGINE_FILE, "bytes": engine_bytes, "sha256": engine_sha256},
         "tensorrt_version": tensorrt_version,
         "gpu": {"name": gpu["name"], "compute_capability": gpu["compute_capability"]},
-        "plugin": {"namespace": NAMESPACE, "version": PLUGIN_VERSION, "names": list(SPECS), "mode": settings.plugin,
-                   "hash": plugin_hash},
+        "plugin": {"namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION, "names": list(SPECS),
+                   "mode": settings.plugin, "hash": plugin_hash},
         "build": {**settings.flags(), "capacity": settings.capacity(artifact.config), "strongly_typed": True,
                   "seconds": round(build_seconds, 1)},
         "profiles": [p.to_json() for p in profiles(artifact.config, settings)],
         "io": {"inputs": inputs, "outputs": outputs},
-        "config": artifact.config.to_hf_dict(),
-        "dtype": settings.dtype,
-        "source": artifact.manifest.get("source"),
+        "source": artifact.manifest.source or None,
         "artifact": {"path": str(artifact.folder.resolve()),
-                     "files": {k: v.get("sha256") for k, v in artifact.manifest.get("files", {}).items()}},
+                     "files": {k: v.get("sha256") for k, v in artifact.manifest.files.items()}},
         "sc2deploy_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-def _format_of(path: Path) -> object:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return manifest.get("format") if isinstance(manifest, dict) else None
-
-
-def read_engine_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if _format_of(path) == ARTIFACT_FORMAT:
-        raise UserError(f"{path} is an export artifact, not an engine: build an engine from it with `sc2deploy build`")
-    manifest = staging.read_manifest(folder, "engine folder", FORMAT, FORMAT_VERSION,
-                                     "build one with `sc2deploy build ARTIFACT --out DIR`")
-    for key in ("tensorrt_version", "gpu", "plugin", "build", "config", "engine"):
-        if key not in manifest:
-            raise UserError(f"{path} lacks {key!r}; rebuild the engine")
-    return manifest
-
-
-def check_engine_manifest(manifest: dict, *, tensorrt_version: str, gpu_name: str, compute_capability: str,
-                          plugin_hash: str | None) -> list[str]:
-    """Raise UserError if this engine cannot load here; return warnings for what merely differs.
-
-    TensorRT deserializes only engines of its own exact version, built for the same compute
-    capability (we never build version- or hardware-compatible engines: plugins exclude them).
-    """
-    built_with = str(manifest["tensorrt_version"])
-    gpu = manifest["gpu"]
-    rebuild = "rebuild it here: `sc2deploy build ARTIFACT --out DIR`"
-    if built_with != tensorrt_version:
-        raise UserError(f"this engine was built with TensorRT {built_with}, but TensorRT {tensorrt_version} is "
-                        f"installed, and engines load only in the TensorRT version that built them: {rebuild}, or run "
-                        f"it with TensorRT {built_with} (the image that built it)")
-    if str(gpu.get("compute_capability")) != compute_capability:
-        raise UserError(f"this engine was built for {gpu.get('name')} (compute capability "
-                        f"{gpu.get('compute_capability')}), but this GPU is {gpu_name} (compute capability "
-                        f"{compute_capability}); engines are compiled for one GPU architecture: {rebuild} on this GPU")
-    warnings = []
-    if gpu.get("name") != gpu_name:
-        warnings.append(f"engine tuned on {gpu.get('name')}, running on {gpu_name} (same compute capability "
-                        f"{compute_capability}): it runs, but rebuild here for the best kernels")
-    plugin = manifest["plugin"]
-    if plugin_hash is not None and plugin.get("hash") != plugin_hash:
-        if plugin.get("mode") == "jit":
-            raise UserError("this engine runs its attention plugins from Python (--plugin jit) and the plugin code "
-                            f"changed since it was built (hash {str(plugin.get('hash'))[:12]}, now {plugin_hash[:12]}): "
-                            f"{rebuild}")
-        warnings.append("the plugin source changed since this engine was built; its kernels are embedded (aot), so "
-                        "it runs as built")
-    return warnings
-
-
-def engine_limits(manifest: dict) -> tuple[int, int, int, int]:
-    """(max_batch, max_input_len, max_seq_len, capacity) of an engine."""
-    b = manifest["build"]
-    return int(b["max_batch"]), int(b["max_input_len"]), int(b["max_seq_len"]), int(b["capacity"])
+    })
 
 
 # ---------------------------------------------------------------- writing the folder
-def write_engine_folder(out: Path, engine: bytes | memoryview, manifest_without_hashes: Callable[[int, str], dict],
-                        extra_files: dict[str, Path], force: bool) -> dict:
+def write_engine_folder(out: Path, engine: bytes | memoryview, manifest_without_hashes: Callable[[int, str], Manifest],
+                        extra_files: dict[str, Path], force: bool) -> Manifest:
     """Write model.plan, the manifest and `extra_files` into a temporary folder, then rename it to `out`."""
     import hashlib
 
@@ -384,8 +298,8 @@ def write_engine_folder(out: Path, engine: bytes | memoryview, manifest_without_
         for name, src in extra_files.items():
             shutil.copyfile(src, tmp / name)
         manifest = manifest_without_hashes(len(data), hashlib.sha256(data).hexdigest())
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(manifest["config"], indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(manifest.config, indent=2) + "\n")
+        write_manifest(tmp, manifest)
     return manifest
 
 
@@ -400,7 +314,7 @@ def check_destination(out: Path, force: bool) -> None:
 @dataclass
 class BuildResult:
     folder: Path
-    manifest: dict
+    manifest: Manifest
     warnings: list[str] = field(default_factory=list)
 
 
@@ -467,7 +381,7 @@ def build_engine(artifact_dir: str | Path, out: str | Path, settings: BuildSetti
     gpu = gpu_identity()
     extra = {name: artifact.folder / name for name in ("tokenizer.json",) if (artifact.folder / name).is_file()}
 
-    def manifest_for(nbytes: int, sha: str) -> dict:
+    def manifest_for(nbytes: int, sha: str) -> Manifest:
         return engine_manifest(artifact=artifact, settings=settings, tensorrt_version=str(trt.__version__), gpu=gpu,
                                plugin_hash=plugin_hash(), build_seconds=seconds, engine_bytes=nbytes,
                                engine_sha256=sha)

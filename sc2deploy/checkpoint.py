@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from sc2deploy.config import Config, torch_dtype
+from sc2deploy.contract import sha256_file
 from sc2deploy.errors import UserError
 from sc2deploy.staging import staging_folder
 
@@ -262,14 +263,6 @@ def _write_safetensors(path: Path, names: list[str], shapes: dict, dtype: str, s
                 f.write(data.view(torch.uint8).numpy().tobytes())
                 if progress:
                     progress(data.numel() * tdtype.itemsize)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- model loading

@@ -7,6 +7,7 @@ import os
 import sys
 
 from sc2deploy import __version__
+from sc2deploy.commands.environment import BadVariable, CommandParser
 from sc2deploy.errors import UserError
 
 # name -> module in sc2deploy.commands; each module has `register(subparsers)` setting `func`.
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `sc2deploy COMMAND --help` for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"sc2deploy {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"sc2deploy.commands.{name}")
@@ -35,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except BadVariable as e:  # a SC2DEPLOY_* variable of a command that reads them (commands/environment.py)
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
     try:
         code = args.func(args)
     except UserError as e:

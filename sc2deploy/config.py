@@ -12,10 +12,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from sc2deploy.contract import DTYPE_BYTES, TORCH_DTYPE_NAMES
 from sc2deploy.errors import UserError
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # Bounds on config values (inclusive), generous for any real model: the largest released dense models
 # have hidden 16384, 126 layers, 128 heads, head_dim 256, 256k vocabularies and 1M-position contexts;
@@ -138,6 +137,11 @@ class Config:
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_attention_heads
+
+    @property
+    def windowed(self) -> bool:
+        """Whether attention has a sliding window: decides the artifact's cache layout and attention attributes."""
+        return bool(self.sliding_window)
 
     @property
     def window(self) -> int:
@@ -307,14 +311,14 @@ class Config:
 
 
 PRESETS: dict[str, Config] = {
-    # The released models (FACTS §1).
+    # The released models (docs/model.md#released-configs).
     "3b": Config(hidden_size=3072, intermediate_size=12288, num_hidden_layers=30, num_attention_heads=24,
                  num_key_value_heads=2, rope_theta=999999.4420358813, tie_word_embeddings=True),
     "7b": Config(hidden_size=4608, intermediate_size=18432, num_hidden_layers=32, num_attention_heads=36,
                  num_key_value_heads=4, rope_theta=1000000.0, tie_word_embeddings=False),
     "15b": Config(hidden_size=6144, intermediate_size=24576, num_hidden_layers=40, num_attention_heads=48,
                   num_key_value_heads=4, rope_theta=100000.0, tie_word_embeddings=False),
-    # ~111M parameters with StarCoder2's proportions (tied head), for benchmarks: FACTS §4's anchor shape.
+    # ~111M parameters with StarCoder2's proportions (tied head), for benchmarks: docs/machines.md's anchor shape.
     "bench": Config(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                     num_key_value_heads=2, rope_theta=100000.0, tie_word_embeddings=True),
     # Small and fast for tests, with the real vocabulary and a window short enough to cross.

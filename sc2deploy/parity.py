@@ -44,12 +44,12 @@ import numpy as np
 import torch
 
 from sc2deploy.config import Config
+from sc2deploy.contract import MANIFEST, Manifest, read_manifest
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
 from sc2deploy.runtime.eager import EagerRuntime
 from sc2deploy.tokenizer import Tokenizer
 
-MANIFEST = "sc2deploy.json"
 DECODE_STEPS = 64  # greedy tokens of the decode case
 FOLLOW_UP_STEPS = 8  # greedy tokens after the prompt of every other case
 BATCH_OFFSETS, DECODE_OFFSET = (0, 3001, 7919), 1000  # where prompts start in the code text (PromptText)
@@ -347,14 +347,20 @@ def row_logits(outputs) -> RowLogits:
     return [[outputs[f"logits.{row}"], decoded[row]] for row in range(decoded.shape[0])]
 
 
-def _run(runner, feed: dict):
+def _run(runner, feed: dict, kept=None):
+    """Run one case's feed through `runner` (Polygraphy activates it for the run and deactivates it after):
+    (row logits, tokens, seconds, whether every output is finite: Comparator.validate). With `kept` (a
+    RunResults), the iteration is added to it under the runner's name."""
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         results = Comparator.run([runner], data_loader=[feed])
+        finite = bool(Comparator.validate(results, check_inf=True, check_nan=True))
     iteration = results[0][1][0]
-    return row_logits(iteration), iteration["tokens"], iteration.runtime
+    if kept is not None:
+        kept.setdefault(runner.name, []).append(iteration)
+    return row_logits(iteration), iteration["tokens"], iteration.runtime, finite
 
 
 # ---------------------------------------------------------------- comparing
@@ -526,26 +532,28 @@ class Report:
 
 
 def run_suite(reference: Runtime, runtime: Runtime, cases: Sequence[Case], tolerances: Tolerances,
-              progress: Callable[[str], None] | None = None) -> Report:
-    """Run every case through the reference and the runtime under test; a runtime error fails its case."""
+              progress: Callable[[str], None] | None = None, save_results: str | Path | None = None) -> Report:
+    """Run every case through the reference and the runtime under test; a runtime error, or NaN or inf in its
+    outputs, fails its case. `save_results`: write both runners' outputs there as Polygraphy RunResults."""
     need = max(len(c.prompts) for c in cases)
     for rt in (reference, runtime):
         if rt.max_batch < need:
             raise UserError(f"the {rt.name} runtime has {rt.max_batch} slots; the suite needs {need}")
     ref_runner = runtime_runner(reference, f"{reference.name}-{reference.dtype}")
     test_runner = runtime_runner(runtime, f"{runtime.name}-{runtime.dtype}")
+    kept: dict[str, list] | None = {} if save_results else None  # runner name -> one iteration per case
     results = []
     for number, case in enumerate(cases, 1):
         where = f"parity: case {number}/{len(cases)} {case.name} ({case.description})"
         if progress:
             progress(f"{where}: the eager reference ...")
-        ref_logits, tokens, ref_s = _run(ref_runner, case.feed())
+        ref_logits, tokens, ref_s, ref_finite = _run(ref_runner, case.feed(), kept)
         forced = case.feed()
         forced["decode_ids"] = tokens
         if progress:
             progress(f"{where}: the {runtime.name} runtime ...")
         try:
-            test_logits, _, test_s = _run(test_runner, forced)
+            test_logits, _, test_s, test_finite = _run(test_runner, forced, kept)
         except Exception as e:  # the runtime under test failed on a valid input: that is a parity failure
             del ref_logits
             results.append(CaseResult(case.name, case.description, passed=False, decode_steps=case.decode_steps,
@@ -553,8 +561,16 @@ def run_suite(reference: Runtime, runtime: Runtime, cases: Sequence[Case], toler
             continue
         result = compare_case(case, ref_logits, test_logits, tolerances)
         del ref_logits, test_logits  # (positions, vocab) float32 each: not kept past their case
+        for finite, who in ((ref_finite, "the eager reference"), (test_finite, f"the {runtime.name} runtime")):
+            if not finite:
+                result.passed = False
+                result.failures.insert(0, f"{who} produced NaN or inf logits")
         result.reference_s, result.runtime_s = round(ref_s, 4), round(test_s, 4)
         results.append(result)
+    if kept is not None:
+        from polygraphy.comparator import RunResults
+
+        RunResults(list(kept.items())).save(str(save_results))
     return Report(runtime.name, runtime.dtype, tolerances, results, reference=f"{reference.name} {reference.dtype}")
 
 
@@ -591,27 +607,13 @@ SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 BEHAVIOUR_FIELDS = ("sliding_window", "rope_theta", "norm_epsilon", "max_position_embeddings", "hidden_act")
 
 
-def read_manifest(folder: Path) -> dict | None:
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not a readable JSON manifest ({e}); re-run `sc2deploy export`") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-        raise UserError(f"{path} has no \"config\" object; it was not written by `sc2deploy export`: re-export")
-    return manifest
-
-
-def manifest_source(manifest: dict, folder: Path):
+def manifest_source(manifest: Manifest, folder: Path):
     """The weights an artifact was exported from, as its manifest's "source" records them."""
     from sc2deploy.checkpoint import CheckpointSource, RandomSource
 
     where = str(folder / MANIFEST)
-    config = Config.from_hf_dict(manifest["config"], source=where)
-    recorded = manifest.get("source")
-    source: dict = recorded if isinstance(recorded, dict) else {}
+    config = Config.from_hf_dict(manifest.config, source=where)
+    source = manifest.source
     kind = source.get("kind")
     if kind == "checkpoint" and isinstance(source.get("path"), str):
         path = Path(source["path"])
@@ -625,16 +627,16 @@ def manifest_source(manifest: dict, folder: Path):
                     "pass the checkpoint it was exported from with --checkpoint DIR")
 
 
-def recorded_hashes(manifest: dict | None) -> dict[str, str] | None:
+def recorded_hashes(manifest: Manifest | None) -> dict[str, str] | None:
     """The sha256 of the source checkpoint's weight files that the manifest records (export records them)."""
-    source = manifest.get("source") if isinstance(manifest, dict) else None
+    source = manifest.source if manifest is not None else None
     hashes = source.get("sha256") if isinstance(source, dict) and source.get("kind") == "checkpoint" else None
     if isinstance(hashes, dict) and hashes and all(isinstance(v, str) for v in hashes.values()):
         return hashes
     return None
 
 
-def verify_source(source, manifest: dict, folder: Path, given: bool) -> str | None:
+def verify_source(source, manifest: Manifest, folder: Path, given: bool) -> str | None:
     """Check that the reference checkpoint's weight files are those `folder` was made from (the sha256 its
     manifest records), so that a checkpoint changed since the export is reported as such, not as a runtime that
     disagrees with it. Returns a note for the report; raises a UserError naming the file that differs."""
@@ -670,7 +672,7 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
           prompts: str | Path | None = None, decode_steps: int = DECODE_STEPS, atol: float | None = None,
           rtol: float | None = None, kl: float | None = None, threads: int | None = None,
           device: torch.device | str | None = None, dtype: str = "bf16",
-          progress: Callable[[str], None] | None = None) -> Report:
+          progress: Callable[[str], None] | None = None, save_results: str | Path | None = None) -> Report:
     """`sc2deploy parity`: open the reference and the runtime for `folder`, run the suite, return the report.
 
     `folder` is the artifact (ort), the engine folder (trt) or a checkpoint folder (eager: a second set of
@@ -698,7 +700,7 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
         tested_source = CheckpointSource(folder)
         source = CheckpointSource(checkpoint) if checkpoint else tested_source
     else:
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, None) if (folder / MANIFEST).is_file() else None
         if manifest is None and (folder / "config.json").is_file():
             fix = (f"export it first: sc2deploy export --checkpoint {folder} --out ART, then sc2deploy parity ART"
                    if backend == "ort" else
@@ -744,7 +746,8 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
                         f"{', '.join(shape)}; pass the checkpoint it was made from with --checkpoint DIR")
     stage(f"parity: loading the eager fp32 reference ({source.description}) ...")
     reference = ChunkedReference(source, max_batch=slots)
-    report = run_suite(reference, runtime, cases, tolerances_for(runtime.dtype, atol, rtol, kl), progress)
+    report = run_suite(reference, runtime, cases, tolerances_for(runtime.dtype, atol, rtol, kl), progress,
+                       save_results)
     report.reference = f"eager fp32 on {source.description}"
     report.notes += notes
     behaviour = config_differences(source.config, runtime.config, BEHAVIOUR_FIELDS)

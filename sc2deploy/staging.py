@@ -24,9 +24,9 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from sc2deploy.contract import MANIFEST
 from sc2deploy.errors import UserError
 
-MANIFEST = "sc2deploy.json"  # marks an export artifact or an engine folder; parity and serve look for it
 _KINDS = ("partial", "old")  # what a writer makes beside NAME: the folder it writes, the output it replaces
 _log = logging.getLogger(__name__)
 
@@ -130,26 +130,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def read_manifest(folder: str | Path, what: str, fmt: str, max_version: int, remedy: str) -> dict:
-    """`folder`/sc2deploy.json of a `what` (artifact, engine folder) in format `fmt`, or a UserError ending in `remedy`."""
-    import json
-
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise UserError(f"{what} {folder} does not exist; {remedy}")
-    if not path.is_file():
-        raise UserError(f"{folder} is not an sc2deploy {what} (no {MANIFEST}; an interrupted write lacks it); {remedy}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); {remedy}") from None
-    found = manifest.get("format") if isinstance(manifest, dict) else None
-    if found != fmt:
-        raise UserError(f"{path} is not an sc2deploy {what} manifest (format {found!r}); {remedy}")
-    if int(manifest.get("format_version", 0)) > max_version:
-        raise UserError(f"{path} has format version {manifest['format_version']}, newer than this sc2deploy reads "
-                        f"({max_version}); upgrade sc2deploy")
-    return manifest

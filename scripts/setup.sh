@@ -6,7 +6,7 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (FACTS §4).
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build (docs/machines.md#installing).
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[onnx,serve,test]"
 python -m pip install --quiet --no-deps tensorrt-stubs

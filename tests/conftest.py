@@ -24,7 +24,9 @@ import torch  # noqa: E402
 
 _loaded = sys.modules.get("sc2deploy.plugins.triton_kernel")
 if _loaded is not None and os.environ["TRITON_INTERPRET"] == "1" and not _loaded.INTERPRET:
-    importlib.reload(_loaded)
+    for _name in ("sc2deploy.plugins.triton_kernel", "sc2deploy.plugins.triton_decode"):  # @triton.jit modules
+        if _name in sys.modules:
+            importlib.reload(sys.modules[_name])
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DATA = REPO / "tests" / "data" / "starcoder2-tokenizer"  # llama.cpp's test vectors; see PROVENANCE.md

@@ -71,7 +71,7 @@ def test_bad_batch_is_one_line_and_exit_2():
 
 def test_gpu_targets_read_the_figures_the_parts_write(smoke, tmp_path):
     """gpu-check.sh's merge finds each target's figure in real part outputs (CPU-sized, so none is met here)."""
-    from sc2deploy.plugins.gpu_check import kernel_check
+    from bench.gpu_check import kernel_check
 
     spec = importlib.util.spec_from_file_location("gpu_targets", REPO / "bench" / "gpu_targets.py")
     gpu_targets = importlib.util.module_from_spec(spec)

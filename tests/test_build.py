@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from sc2deploy.build import (ATTENTION_MASK, DECODE, ENGINE_FILE, INPUT_IDS, MANIFEST, PREFILL, Artifact,
-                             BuildSettings, check_destination, check_engine_manifest, engine_limits, engine_manifest,
-                             expected_io, open_artifact, past_name, prepare_graph, prepare_model_bytes, profiles,
-                             read_engine_manifest, resolve_settings, write_engine_folder)
+from sc2deploy.build import (DECODE, PREFILL, Artifact, BuildSettings, check_destination, engine_manifest, open_artifact,
+                             prepare_graph, prepare_model_bytes, profiles, resolve_settings, write_engine_folder)
+from sc2deploy.contract import (ARTIFACT, ATTENTION_MASK, ENGINE, ENGINE_FILE, INPUT_IDS, MANIFEST, Manifest,
+                                check_engine_manifest, engine_limits, graph_io, past_name, read_manifest, write_manifest)
 from sc2deploy.cli import main
 from sc2deploy.config import preset
 from sc2deploy.errors import UserError
@@ -60,7 +60,7 @@ def test_profiles_cover_every_input_and_order_min_opt_max(size):
     settings = resolve_settings(config, "bf16")
     prefill, decode = profiles(config, settings)
     assert (prefill.name, decode.name) == (PREFILL, DECODE)
-    inputs, _ = expected_io(config)
+    inputs, _ = graph_io(config.num_hidden_layers, "trt")
     c, b = settings.capacity(config), settings.max_batch
     for profile in (prefill, decode):
         assert sorted(profile.shapes) == sorted(inputs)
@@ -159,7 +159,7 @@ def test_real_artifact_is_what_build_expects(trt_artifact):
     data, count = prepare_model_bytes(artifact.model_path, artifact.config, "aot")
     assert count == 2 * preset("tiny").num_hidden_layers
     model = onnx.load_from_string(data)
-    inputs, outputs = expected_io(artifact.config)
+    inputs, outputs = graph_io(artifact.config.num_hidden_layers, "trt")
     assert [v.name for v in model.graph.input] == inputs and [v.name for v in model.graph.output] == outputs
     # The parser passes the attributes each plugin registered, by name: they must be on its nodes.
     from sc2deploy.plugins.trt_rules import SPECS
@@ -182,17 +182,18 @@ def test_ort_artifact_is_refused(tmp_path):
     folder = tmp_path / "ort"
     folder.mkdir()
     (folder / "sc2deploy.json").write_text(json.dumps({"format": "sc2deploy-onnx-artifact", "format_version": 1,
-                                                       "target": "ort", "files": {}, "config": {}}))
+                                                       "target": "ort", "files": {}, "config": {}, "dtype": "fp32"}))
     with pytest.raises(UserError, match="--target trt"):
         open_artifact(folder)
 
 
 # ---------------------------------------------------------------- engine manifest
-def manifest_for(tmp_path, **build) -> dict:
+def manifest_for(tmp_path, **build) -> Manifest:
     config = preset("tiny")
     settings = resolve_settings(config, "fp16", **build)
-    artifact = Artifact(tmp_path, {"source": {"kind": "random", "seed": 3}, "files": {"model.onnx": {"sha256": "ab"}}},
-                        config, "fp16", tmp_path / "model.onnx")
+    exported = Manifest(ARTIFACT, config.to_hf_dict(), "fp16", {"model.onnx": {"sha256": "ab"}},
+                        {"target": "trt", "source": {"kind": "random", "seed": 3}})
+    artifact = Artifact(tmp_path, exported, config, "fp16", tmp_path / "model.onnx")
     return engine_manifest(artifact=artifact, settings=settings, tensorrt_version="10.13.0.35",
                            gpu={"name": "NVIDIA H200", "compute_capability": "9.0"}, plugin_hash="f" * 64,
                            build_seconds=12.34, engine_bytes=10, engine_sha256="00")
@@ -207,13 +208,14 @@ def here(**overrides):
 
 def test_manifest_records_what_the_engine_depends_on(tmp_path):
     m = manifest_for(tmp_path, max_batch=2, plugin="jit")
-    assert m["tensorrt_version"] == "10.13.0.35"
-    assert m["gpu"] == {"name": "NVIDIA H200", "compute_capability": "9.0"}
-    assert m["plugin"] == {"namespace": "sc2deploy", "version": "1", "names": ["RopeCache", "SlidingWindowGQA"],
+    assert m.details["tensorrt_version"] == "10.13.0.35"
+    assert m.details["gpu"] == {"name": "NVIDIA H200", "compute_capability": "9.0"}
+    assert m.plugin == {"namespace": "sc2deploy", "version": "1", "names": ["RopeCache", "SlidingWindowGQA"],
                            "mode": "jit", "hash": "f" * 64}
-    assert m["build"]["max_batch"] == 2 and m["build"]["capacity"] == 32 and m["build"]["strongly_typed"]
-    assert [p["name"] for p in m["profiles"]] == [PREFILL, DECODE]
-    assert m["source"] == {"kind": "random", "seed": 3} and m["config"]["num_hidden_layers"] == 2  # for `parity`
+    build = m.details["build"]
+    assert build["max_batch"] == 2 and build["capacity"] == 32 and build["strongly_typed"]
+    assert [p["name"] for p in m.details["profiles"]] == [PREFILL, DECODE]
+    assert m.source == {"kind": "random", "seed": 3} and m.config["num_hidden_layers"] == 2  # for `parity`
     assert engine_limits(m) == (2, 64, 1024, 32)
     assert check_engine_manifest(m, **here()) == []
 
@@ -244,13 +246,15 @@ def test_same_architecture_other_gpu_and_plugin_changes(tmp_path):
 def test_engine_folder_round_trip_and_refusals(tmp_path):
     out = tmp_path / "engine"
     (tmp_path / "tokenizer.json").write_text("{}")
-    written = write_engine_folder(out, b"PLAN", lambda n, sha: dict(manifest_for(tmp_path),
-                                                                    engine={"file": ENGINE_FILE, "bytes": n,
-                                                                            "sha256": sha}),
-                                  {"tokenizer.json": tmp_path / "tokenizer.json"}, force=False)
-    assert (out / ENGINE_FILE).read_bytes() == b"PLAN" and written["engine"]["bytes"] == 4
+    def with_plan(n, sha):
+        m = manifest_for(tmp_path)
+        m.details["engine"] = {"file": ENGINE_FILE, "bytes": n, "sha256": sha}
+        return m
+
+    written = write_engine_folder(out, b"PLAN", with_plan, {"tokenizer.json": tmp_path / "tokenizer.json"}, force=False)
+    assert (out / ENGINE_FILE).read_bytes() == b"PLAN" and written.engine["bytes"] == 4
     assert json.loads((out / "config.json").read_text())["model_type"] == "starcoder2"
-    assert read_engine_manifest(out)["engine"]["sha256"] == written["engine"]["sha256"]
+    assert read_manifest(out, ENGINE).engine["sha256"] == written.engine["sha256"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".engine.partial")]
     with pytest.raises(UserError, match="--force"):
         check_destination(out, force=False)
@@ -269,7 +273,7 @@ def test_bad_engine_folders(tmp_path, content, message):
     if content is not None:
         (tmp_path / MANIFEST).write_text(json.dumps(content))
     with pytest.raises(UserError, match=re.escape(message)):
-        read_engine_manifest(tmp_path)
+        read_manifest(tmp_path, ENGINE)
 
 
 def test_version_tuple():
@@ -282,9 +286,10 @@ def test_version_tuple():
 def fake_engine_folder(tmp_path) -> Path:
     folder = tmp_path / "engine"
     folder.mkdir()
-    manifest = dict(manifest_for(tmp_path), engine={"file": ENGINE_FILE, "bytes": 4, "sha256": "x"})
-    (folder / MANIFEST).write_text(json.dumps(manifest))
-    (folder / "config.json").write_text(json.dumps(manifest["config"]))
+    manifest = manifest_for(tmp_path)
+    manifest.details["engine"] = {"file": ENGINE_FILE, "bytes": 4, "sha256": "x"}
+    write_manifest(folder, manifest)
+    (folder / "config.json").write_text(json.dumps(manifest.config))
     (folder / ENGINE_FILE).write_bytes(b"PLAN")
     shutil.copyfile(REPO / "sc2deploy" / "data" / "tokenizer.json", folder / "tokenizer.json")
     return folder

@@ -331,3 +331,89 @@ def test_complete_and_generate_name_finish_reasons_alike(keyed_server, tmp_path,
     chunks = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and chunks[-1]["finish_reason"] == "length"
     assert all("finish_reason" not in c for c in chunks[:-1])
+
+
+# ---------------------------------------------------------------- --json where a program reads the result
+def test_checkpoint_json_describes_what_was_written(tmp_path, capsys):
+    from sc2deploy.config import preset
+
+    out = tmp_path / "ck"
+    code, stdout, _ = run_cli(["checkpoint", "--size", "tiny", "--out", out, "--weights-seed", "5", "--dtype", "fp16",
+                               "--json"], capsys)
+    written = json.loads(stdout)
+    assert code == 0
+    assert {k: written[k] for k in ("folder", "size", "dtype", "seed")} == {"folder": str(out), "size": "tiny",
+                                                                           "dtype": "fp16", "seed": 5}
+    assert written["files"] == {p.name: p.stat().st_size for p in out.iterdir()}
+    assert set(written["files"]) == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert written["bytes"] == sum(written["files"].values())
+    assert written["parameters"] == preset("tiny").num_parameters == written["weight_bytes"] // 2
+    assert sum(t.numel() for t in load_file(out / "model.safetensors").values()) == written["parameters"]
+
+
+@pytest.mark.parametrize("command", ["info", "checkpoint", "generate", "export", "parity", "serve", "complete",
+                                     "build", "selftest"])
+def test_every_command_whose_result_a_program_reads_takes_json(command):
+    from sc2deploy.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    assert "--json" in sub._option_string_actions, command
+
+
+# ---------------------------------------------------------------- serve options from SC2DEPLOY_* variables
+def serve_args(argv, env, monkeypatch):
+    from sc2deploy.cli import build_parser
+
+    for name in [n for n in os.environ if n.startswith("SC2DEPLOY_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_serve_takes_every_option_from_the_environment_and_the_command_line_wins(monkeypatch):
+    env = {"SC2DEPLOY_MAX_BATCH": "16", "SC2DEPLOY_API_KEY_FILE": "/run/keys", "SC2DEPLOY_GRACE": "2.5",
+           "SC2DEPLOY_LOG_FORMAT": "json", "SC2DEPLOY_JSON": "true", "SC2DEPLOY_PORT": "0", "SC2DEPLOY_SIZE": "tiny",
+           "SC2DEPLOY_WEIGHTS_SEED": "7", "SC2DEPLOY_CONTEXT": ""}
+    args = serve_args([], env, monkeypatch)
+    assert (args.max_batch, args.api_key_file, args.grace, args.log_format, args.json, args.port, args.size,
+            args.weights_seed, args.context) == (16, "/run/keys", 2.5, "json", True, 0, "tiny", 7, None)
+    args = serve_args(["--max-batch", "4", "--log-format", "text", "--port", "9"], env, monkeypatch)
+    assert (args.max_batch, args.log_format, args.port, args.grace) == (4, "text", 9, 2.5)
+    assert serve_args([], {"SC2DEPLOY_JSON": "0"}, monkeypatch).json is False
+    assert serve_args([], {}, monkeypatch).max_batch == 8  # the default without a variable
+    # every option of serve has its variable, named in --help
+    from sc2deploy.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["serve"]
+    help_text = " ".join(sub.format_help().split())
+    for action in sub._actions:
+        flags = [s for s in action.option_strings if s.startswith("--") and s != "--help"]
+        if flags:
+            assert f"[env SC2DEPLOY_{flags[0][2:].upper().replace('-', '_')}]" in help_text, flags[0]
+    assert "SC2DEPLOY_MAX_BATCH=16" in help_text
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("SC2DEPLOY_MAX_BATCH", "abc", "SC2DEPLOY_MAX_BATCH='abc' is not a valid --max-batch ('abc' is not an integer)"),
+    ("SC2DEPLOY_MAX_BATCH", "0", "SC2DEPLOY_MAX_BATCH='0' is not a valid --max-batch (must be at least 1, got 0)"),
+    ("SC2DEPLOY_GRACE", "soon", "SC2DEPLOY_GRACE='soon' is not a valid --grace (not a valid float)"),
+    ("SC2DEPLOY_LOG_LEVEL", "loud", "SC2DEPLOY_LOG_LEVEL='loud' is not a valid --log-level; choose one of debug"),
+    ("SC2DEPLOY_JSON", "maybe", "SC2DEPLOY_JSON='maybe' is not a switch value for --json"),
+])
+def test_a_bad_variable_is_a_one_line_error_naming_it(name, value, message, monkeypatch, capsys):
+    for other in [n for n in os.environ if n.startswith("SC2DEPLOY_")]:
+        monkeypatch.delenv(other)
+    monkeypatch.setenv(name, value)
+    code, out, err = run_cli(["serve", "--size", "tiny"], capsys)
+    assert code == 2 and not out and err.count("\n") == 1, err
+    assert err.startswith(f"sc2deploy serve: error: {message}") and f"unset {name}" in err, err
+    # a value on the command line wins, so the variable's bad value does not matter then
+    flag = "--" + name[len("SC2DEPLOY_"):].lower().replace("_", "-")
+    argv = [flag] if name == "SC2DEPLOY_JSON" else [flag, {"SC2DEPLOY_GRACE": "1", "SC2DEPLOY_LOG_LEVEL": "info"}
+                                                         .get(name, "2")]
+    assert serve_args(argv, {name: value}, monkeypatch) is not None
+    # other commands do not read SC2DEPLOY_* variables
+    monkeypatch.setenv("SC2DEPLOY_SIZE", "20b")
+    code, out, _ = run_cli(["info", "--size", "tiny", "--json"], capsys)
+    assert code == 0 and json.loads(out)["name"] == "tiny"

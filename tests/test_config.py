@@ -1,4 +1,4 @@
-"""Presets carry FACTS §1 exactly; derived numbers are computed once and right."""
+"""Presets carry the released configs of docs/model.md exactly; derived numbers are computed once and right."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,7 @@ def test_release_presets_match_facts(size):
 
 
 def test_kv_bytes_per_token_match_facts():
-    # FACTS: bf16 KV per token 3b 30 KB, 7b 64 KB, 15b 80 KB (KiB).
+    # docs/model.md#sizes: bf16 KV per token 3b 30 KB, 7b 64 KB, 15b 80 KB (KiB).
     assert [preset(s).kv_bytes_per_token("bf16") // 1024 for s in ("3b", "7b", "15b")] == [30, 64, 80]
 
 

@@ -29,7 +29,7 @@ def native():
 @pytest.mark.parametrize("batch, past", [(1, 8192), (8, 5000), (3, 17)])
 def test_flash_decode_at_15b_shapes(dtype, batch, past):
     native()
-    from sc2deploy.plugins.gpu_check import make_inputs
+    from bench.gpu_check import make_inputs
     from sc2deploy.plugins.triton_decode import decode_attention, sm_count, split_count
 
     args = make_inputs(batch=batch, seq_len=1, num_heads=NQ, kv_heads=NKV, head_dim=H, capacity=W, window=W,
@@ -48,13 +48,14 @@ def test_flash_decode_at_15b_shapes(dtype, batch, past):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_at_15b_shapes(dtype):
-    tk = native()
-    from sc2deploy.plugins.gpu_check import chunked_reference, make_inputs
+    native()
+    from bench.gpu_check import chunked_reference, make_inputs
+    from sc2deploy.plugins import triton_attention
 
     args = make_inputs(batch=1, seq_len=5000, num_heads=NQ, kv_heads=NKV, head_dim=H, capacity=W, window=W,
                        dtype=dtype, device="cuda")
     ref, _, _ = chunked_reference(args, 1024)
-    out, _, _, _ = tk.launch(**args, fused=False)
+    out, _, _, _ = triton_attention.launch(**args, fused=False)
     assert float((out.float() - ref.float()).abs().max()) <= ATOL[dtype]
 
 

@@ -6,6 +6,9 @@ the issue on a real ONNX export (--target ort) corrupted the same two ways.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -345,7 +348,7 @@ def test_cli_errors_exit_2(checkpoints, capsys, tmp_path, args, message):
 def test_cli_bad_manifest_exits_2(capsys, tmp_path):
     (tmp_path / "sc2deploy.json").write_text("{broken")
     code, _, err = cli([tmp_path], capsys)
-    assert code == 2 and "is not a readable JSON manifest" in err
+    assert code == 2 and "sc2deploy.json is not valid JSON" in err
 
 
 def test_cli_refuses_a_different_model(checkpoints, capsys, tmp_path):
@@ -358,7 +361,7 @@ def test_cli_refuses_a_different_model(checkpoints, capsys, tmp_path):
 # The corruptions edit the artifact and then re-seal its manifest (sizes and sha256), so that it is parity, not
 # the runtime's integrity check, that has to notice them.
 def reseal(folder):
-    from sc2deploy.checkpoint import sha256_file
+    from sc2deploy.contract import sha256_file
 
     path = folder / "sc2deploy.json"
     manifest = json.loads(path.read_text())
@@ -570,3 +573,32 @@ def test_cli_cuda_backend(checkpoints, capsys, dtype, corruption):
     report = json.loads(out)
     assert (report["backend"], report["dtype"]) == ("cuda", dtype)
     assert code == (1 if corruption else 0) and report["passed"] is not bool(corruption), report["cases"]
+
+
+def test_nan_logits_fail_through_polygraphy_validate(checkpoints, tmp_path, capsys):
+    nan = write_checkpoint(PerturbedSource(RandomSource(TINY, SEED), "model.norm.weight", 0, float("nan")),
+                           tmp_path / "nan", "fp32")
+    code, out, _ = cli([nan, "--backend", "eager", "--checkpoint", checkpoints["good"], "--decode-steps", "4",
+                        "--json"], capsys)
+    report = json.loads(out)
+    assert code == 1 and not report["passed"]
+    assert all("the eager runtime produced NaN or inf logits" in c["failures"][0] for c in report["cases"])
+
+
+def test_save_results_writes_polygraphy_run_results(ort_artifact, tmp_path, capsys):
+    from polygraphy.comparator import RunResults
+
+    saved = tmp_path / "results.json"
+    code, out, _ = cli([ort_artifact, "--decode-steps", "4", "--save-results", saved], capsys)
+    assert code == 0, out
+    results = RunResults.load(str(saved))
+    assert [name for name, _ in results.items()] == ["eager-fp32", "ort-fp32"]
+    assert all(len(iterations) == 5 for _, iterations in results.items())  # one per case
+    short = results["ort-fp32"][0]
+    assert short["decode_logits"].shape[-1] == TINY.vocab_size
+    polygraphy = Path(sys.executable).with_name("polygraphy")
+    if polygraphy.is_file():
+        shown = subprocess.run([str(polygraphy), "inspect", "data", str(saved)], capture_output=True, text=True)
+        assert shown.returncode == 0 and "ort-fp32" in shown.stdout + shown.stderr
+    code, _, err = cli([ort_artifact, "--save-results", tmp_path / "missing" / "r.json"], capsys)
+    assert code == 2 and "its folder does not exist" in err

@@ -57,9 +57,9 @@ def run(args) -> int:
     for warning in result.warnings:
         notice(f"warning: {warning}")
     if args.json:
-        print_json(result.manifest)
+        print_json(result.manifest.to_json())
     else:
-        m = result.manifest
+        m = result.manifest.details
         b = m["build"]
         notice(f"wrote {result.folder}: TensorRT {m['tensorrt_version']} engine for {m['gpu']['name']} "
                f"(sm {m['gpu']['compute_capability']}), {b['dtype']}, {b['plugin']} plugin, batch <= {b['max_batch']}, "

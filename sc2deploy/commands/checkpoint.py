@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sc2deploy.checkpoint import RandomSource, write_checkpoint
-from sc2deploy.commands.common import add_dtype, add_renamed_seed, add_size, add_weights_seed, check_renamed_seed
+from sc2deploy.commands.common import (add_dtype, add_renamed_seed, add_size, add_weights_seed, check_renamed_seed,
+                                       print_json)
 from sc2deploy.commands.progress import progress_bar
 from sc2deploy.config import preset
 from sc2deploy.errors import UserError
@@ -24,6 +25,9 @@ def register(subparsers) -> None:
     add_renamed_seed(p)
     p.add_argument("--force", action="store_true", help="replace an earlier checkpoint in --out")
     add_dtype(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object describing what was written (folder, size, dtype, files and their "
+                        "bytes, parameters, seed)")
     p.set_defaults(func=run)
 
 
@@ -36,6 +40,12 @@ def run(args) -> int:
     with progress_bar(config.weight_bytes(args.dtype), f"writing {args.size}") as bar:
         out = write_checkpoint(source, Path(args.out), args.dtype, packaged_tokenizer_path(), progress=bar.update,
                                force=args.force)
+    if args.json:
+        files = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
+        print_json({"folder": str(out), "size": args.size, "dtype": args.dtype, "files": files,
+                    "bytes": sum(files.values()), "weight_bytes": config.weight_bytes(args.dtype),
+                    "parameters": config.num_parameters, "seed": args.weights_seed})
+        return 0
     print(f"wrote {out} ({config.weight_bytes(args.dtype) / 1e9:.2f} GB of {args.dtype} weights, "
           f"seed {args.weights_seed})")
     return 0

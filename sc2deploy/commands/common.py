@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sc2deploy.config import DTYPE_BYTES, PRESETS
+from sc2deploy.config import PRESETS
+from sc2deploy.contract import DTYPE_BYTES, MANIFEST, folder_kind, read_manifest
 from sc2deploy.errors import UserError
-from sc2deploy.staging import MANIFEST
 
 if TYPE_CHECKING:
     import torch
@@ -57,24 +57,6 @@ def check_renamed_seed(args) -> None:
 
 
 # ---------------------------------------------------------------- what a folder is
-ENGINE_FORMAT = "sc2deploy-tensorrt-engine"  # sc2deploy.build.FORMAT (build imports TensorRT's helpers)
-
-
-def folder_kind(folder: str | Path) -> str | None:
-    """"artifact" (an export), "engine" (a TensorRT engine folder), "checkpoint" (config.json) or None."""
-    folder = Path(folder)
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        try:
-            found = json.loads(manifest.read_text(encoding="utf-8")).get("format")
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            found = None
-        return "engine" if found == ENGINE_FORMAT else "artifact"
-    if (folder / "config.json").is_file():
-        return "checkpoint"
-    return None
-
-
 def refuse_export_as_checkpoint(folder: str | Path, fix: str | None = None) -> None:
     """A one-line error when --checkpoint names an export artifact or engine folder instead of a checkpoint."""
     kind = folder_kind(folder)
@@ -150,10 +132,9 @@ def check_dtype(args, backend: str, folder: str | None) -> str:
 
 def _recorded_dtype(folder: str | None) -> str | None:
     try:
-        dtype = json.loads((Path(str(folder)) / MANIFEST).read_text(encoding="utf-8")).get("dtype")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return read_manifest(str(folder), None).dtype
+    except UserError:
         return None  # the runtime's own checks say what is wrong with the folder
-    return dtype if isinstance(dtype, str) else None
 
 
 def add_device(parser) -> None:

@@ -112,13 +112,13 @@ def run(args) -> int:
         export_artifact(source, out, args.dtype, args.target, force=args.force, progress=progress,
                         on_total=on_total, check=args.check)
     seconds = time.perf_counter() - start
-    from sc2deploy.export.manifest import read_manifest
+    from sc2deploy.contract import ARTIFACT, read_manifest
 
-    manifest = read_manifest(out)
-    total = sum(f["bytes"] for f in manifest["files"].values())
+    manifest = read_manifest(out, ARTIFACT)
+    total = sum(f["bytes"] for f in manifest.files.values())
     if args.json:
-        print_json({"artifact": str(out), "target": args.target, "dtype": args.dtype, "source": manifest["source"],
-                    "bytes": total, "seconds": round(seconds, 3), "files": manifest["files"]})
+        print_json({"artifact": str(out), "target": args.target, "dtype": args.dtype, "source": manifest.source,
+                    "bytes": total, "seconds": round(seconds, 3), "files": manifest.files})
     else:
         print(f"wrote {out} ({total / 1e9:.2f} GB, {args.dtype}, target {args.target}) in {seconds:.1f} s")
     return 0

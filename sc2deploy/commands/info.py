@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from sc2deploy.commands.common import add_size, print_json
-from sc2deploy.config import DTYPE_BYTES, Config, preset
+from sc2deploy.config import Config, preset
+from sc2deploy.contract import DTYPE_BYTES
 from sc2deploy.errors import UserError
 
 

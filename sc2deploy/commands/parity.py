@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sc2deploy.commands.common import (add_device, check_choice, folder_kind, positive_int, print_json,
                                        refuse_export_as_checkpoint, resolve_device)
@@ -82,6 +83,10 @@ def register(subparsers) -> None:
                    help="weights and activations of the cuda runtime under test: bf16, fp16 or fp32 (default bf16)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: passed, backend, dtype, reference, tolerances, cases, notes")
+    p.add_argument("--save-results", metavar="FILE",
+                   help="also write every output of both runners as Polygraphy RunResults (JSON; read it with "
+                        "`polygraphy inspect data FILE`). It holds every logit of every case: about "
+                        "positions x vocab x 4 bytes x 2, so mind a long --prompts file")
     p.set_defaults(func=run)
 
 
@@ -103,10 +108,13 @@ def run(args) -> int:
         raise UserError(f"{args.folder} is {'an export artifact' if kind == 'artifact' else 'a TensorRT engine folder'}"
                         f", not a checkpoint; check it with --backend {other}"
                         + (" (the default)" if other == "ort" else ""))
+    if args.save_results is not None and not Path(args.save_results).resolve().parent.is_dir():
+        raise UserError(f"--save-results {args.save_results}: its folder does not exist; create it or choose another")
     with StageLog() as progress:  # stage lines, and a line every few seconds while one runs: also when piped
         report = check(args.folder, backend=args.backend, checkpoint=args.checkpoint, prompts=args.prompts,
                        decode_steps=args.decode_steps, atol=args.atol, rtol=args.rtol, kl=args.kl,
-                       threads=args.threads, device=device, dtype=args.dtype, progress=progress)
+                       threads=args.threads, device=device, dtype=args.dtype, progress=progress,
+                       save_results=args.save_results)
     if args.json:
         print_json(report.to_dict())
     else:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -12,9 +14,11 @@ from pathlib import Path
 
 from sc2deploy.commands.common import (add_device, add_run_dtype, add_weights, check_dtype, infer_backend, notice,
                                        open_weights, positive_int, resolve_device, runtime_folder)
+from sc2deploy.commands.environment import PREFIX
 from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
 from sc2deploy.runtime import BACKENDS
+from sc2deploy.serving.logs import LOG_FORMATS
 
 
 def non_negative_int(text: str) -> int:
@@ -43,7 +47,17 @@ def register(subparsers) -> None:
                "  sc2deploy serve --checkpoint ckpt/starcoder2-15b --backend cuda --dtype bf16 --max-batch 32\n"
                "  sc2deploy serve --artifact out/3b-ort --backend ort --max-batch 16 --metrics-port 9090 \\\n"
                "      --tls-cert server.crt --tls-key server.key --api-key-file keys.txt\n"
-               "then: sc2deploy complete --server localhost:50051 'def fib(n):'",
+               "then: sc2deploy complete --server localhost:50051 'def fib(n):'\n\n"
+               "environment:\n"
+               f"  every option can be set as {PREFIX}<OPTION> (upper case, dashes as underscores), e.g. in a "
+               "container:\n"
+               f"    {PREFIX}MAX_BATCH=16 {PREFIX}API_KEY_FILE=/run/secrets/keys sc2deploy serve --artifact /models/a\n"
+               "  an option on the command line wins; an empty variable is unset; switches take 1 or 0\n\n"
+               "output:\n"
+               "  --json prints one JSON line on stdout once listening (host, port, tls, metrics_port, backend, dtype,\n"
+               "  max_batch, max_queue, context); --log-format json makes every stderr line a JSON object, and each\n"
+               "  call's lines carry its request id (the client's x-request-id, or a new one, returned as trailing\n"
+               "  metadata x-request-id)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     weights = p.add_argument_group("model")
     add_weights(weights, seed_flag="--weights-seed")
@@ -91,8 +105,14 @@ def register(subparsers) -> None:
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long in-flight requests may take to finish (default 10)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="log level on stderr (default info)")
+                   help="log level on stderr (default info: one access-log line per call)")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text (default) or json: one JSON object per stderr line (time, level, logger, message, "
+                        "request_id)")
+    p.add_argument("--json", action="store_true",
+                   help="once listening, print one JSON line on stdout describing the server")
     p.set_defaults(func=run)
+    p.read_environment()
 
 
 def open_model(args):
@@ -126,6 +146,16 @@ def open_model(args):
 
 
 def run(args) -> int:
+    """Serve until SIGTERM or SIGINT. With --log-format json, what the command prints on stderr goes through the
+    JSON log while it runs."""
+    stderr = sys.stderr
+    try:
+        return _serve(args)
+    finally:
+        sys.stderr = stderr
+
+
+def _serve(args) -> int:
     from sc2deploy.config import Config
 
     folder = args.checkpoint or args.artifact or args.engine
@@ -135,11 +165,15 @@ def run(args) -> int:
                if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"serving needs the `serve` extra ({missing[0]} is missing): pip install 'sc2deploy[serve]'")
+    from sc2deploy.serving import logs
     from sc2deploy.serving.auth import read_api_keys, server_ssl_context
     from sc2deploy.serving.server import CompletionServer, ServerOptions
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format, sys.stderr)
+    if args.log_format == "json":
+        lines = logging.getLogger("sc2deploy.serve")
+        lines.setLevel(logging.INFO)  # start-up and shutdown lines show at any --log-level, as in text
+        sys.stderr = logs.LogStream(lines)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise UserError("--tls-cert and --tls-key go together")
     if not 0 <= args.grace < float("inf"):
@@ -175,6 +209,11 @@ def run(args) -> int:
     notice(f"sc2deploy serve: listening on {args.host}:{port} ({scheme}; {runtime.name} {runtime.dtype}, "
            f"max batch {runtime.max_batch}, queue {args.max_queue}, context {server.limits.context_length}"
            + (f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else "") + ")")
+    if args.json:
+        print(json.dumps({"host": args.host, "port": port, "tls": options.tls_cert is not None,
+                          "metrics_port": server.metrics_port, "backend": runtime.name, "dtype": runtime.dtype,
+                          "max_batch": runtime.max_batch, "max_queue": args.max_queue,
+                          "context": server.limits.context_length, "source": where, "pid": os.getpid()}), flush=True)
     while not stop.wait(0.5):
         pass
     notice(f"sc2deploy serve: shutting down (grace {args.grace:g} s)")

@@ -8,7 +8,8 @@ Heavy dependencies (torch.onnx, onnx) are imported only when an export runs.
 """
 from __future__ import annotations
 
-from sc2deploy.export.targets import TARGET_DTYPES, TARGETS
+from sc2deploy.contract import TARGETS
+from sc2deploy.export.targets import TARGET_DTYPES
 
 __all__ = ["TARGETS", "TARGET_DTYPES", "export_artifact", "verify_artifact"]
 

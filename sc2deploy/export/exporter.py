@@ -7,11 +7,9 @@ from pathlib import Path
 
 from sc2deploy.checkpoint import CheckpointSource, RandomSource, TensorSource
 from sc2deploy.config import PRESETS
-from sc2deploy.staging import check_destination, staging_folder
+from sc2deploy.contract import DATA_FILE, MODEL_FILE, TOKENIZER_FILE, attention_description
 from sc2deploy.export.targets import check_target
-
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
+from sc2deploy.staging import check_destination, staging_folder
 
 
 def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", target: str = "ort", *,
@@ -25,16 +23,17 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
     import onnx
 
     from sc2deploy.export.genai import write_genai_files
-    from sc2deploy.export.graph import IR_VERSION, OPSET, build_graph
+    from sc2deploy.export.graph import IR_VERSION, OPSET, traced_proto
+    from sc2deploy.export.rewrite import finish_graph
     from sc2deploy.export.manifest import write_manifest
-    from sc2deploy.export.weights import DATA_FILE, weights_bytes, write_weights
+    from sc2deploy.export.weights import weights_bytes, write_weights
 
     config = source.config  # validated when the source was made, as every runtime validates the manifest's copy
     check_target(target, dtype, config)
     tokenizer_json = _tokenizer_json(source)
     out = Path(out)
     check_destination(out, force)  # fail before the slow part
-    graph = build_graph(config, dtype, target)
+    graph = finish_graph(*traced_proto(config, dtype, target), config, target)
     if on_total:
         on_total(weights_bytes(graph))
     with staging_folder(out, force) as tmp:
@@ -47,19 +46,17 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
             write_genai_files(tmp, config, MODEL_FILE)
         shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
         g = graph.model.graph
-        body = {
-            "config": config.to_hf_dict(),
-            "dtype": dtype,
+        details = {
             "target": target,
             "source": source_info(source),
             "graph": {
                 "file": MODEL_FILE, "external_data": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
-                "attention": _attention_description(config, target),
-                "sliding_window_cache": bool(config.sliding_window) and target == "ort",
+                "attention": attention_description(target, config.windowed),
+                "sliding_window_cache": config.windowed and target == "ort",
                 "inputs": [v.name for v in g.input], "outputs": [v.name for v in g.output],
             },
         }
-        write_manifest(tmp, body, known_sha256={DATA_FILE: written.data_sha256})
+        write_manifest(tmp, config.to_hf_dict(), dtype, details, known_sha256={DATA_FILE: written.data_sha256})
     return out
 
 
@@ -83,11 +80,3 @@ def _tokenizer_json(source: TensorSource) -> Path:
         if (source.folder / TOKENIZER_FILE).is_file():
             return source.folder / TOKENIZER_FILE
     return packaged_tokenizer_path()
-
-
-def _attention_description(config, target: str) -> str:
-    if target == "trt":
-        return "trt.plugins::RopeCache -> trt.plugins::SlidingWindowGQA (plugin_namespace sc2deploy, plugin_version 1)"
-    if config.sliding_window:
-        return "com.microsoft::GroupQueryAttention (sliding_window_cache=1, query_seqlens)"
-    return "com.microsoft::GroupQueryAttention"

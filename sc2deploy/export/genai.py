@@ -1,7 +1,7 @@
 """genai_config.json and tokenizer_config.json: what onnxruntime-genai needs to load and run an ort artifact.
 
 onnxruntime-genai has no StarCoder2 type, but runs any decoder graph with the usual I/O names
-(FACTS §2); "decoder" is one of the types it accepts. With a sliding window the graph's
+(docs/onnxruntime-gqa.md); "decoder" is one of the types it accepts. With a sliding window the graph's
 GroupQueryAttention nodes keep a window-sized cache (sliding_window_cache=1), which genai
 sizes from the `sliding_window` block: capacity = window_size + cache_slack (0: its default).
 """
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from sc2deploy.config import Config
-from sc2deploy.export.targets import ATTENTION_MASK, INPUT_IDS, LOGITS
+from sc2deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, past_name, present_name
 
 GENAI_CONFIG = "genai_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -28,10 +28,11 @@ def genai_config(config: Config, model_file: str) -> dict:
         "num_hidden_layers": config.num_hidden_layers,
         "num_key_value_heads": config.num_key_value_heads,
         "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
-                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-        "outputs": {"logits": LOGITS, "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                   "past_key_names": past_name("%d", "key"), "past_value_names": past_name("%d", "value")},
+        "outputs": {"logits": LOGITS, "present_key_names": present_name("%d", "key"),
+                    "present_value_names": present_name("%d", "value")},
     }
-    if config.sliding_window:
+    if config.windowed:
         decoder["sliding_window"] = {"window_size": config.sliding_window, "slide_key_value_cache": False,
                                      "slide_inputs": False, "layers": list(range(config.num_hidden_layers)),
                                      "cache_slack": 0}

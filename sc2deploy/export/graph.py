@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sc2deploy.config import Config, torch_dtype
+from sc2deploy.contract import DTYPE_BYTES
 from sc2deploy.export.nodes import attention_translation
 
 if TYPE_CHECKING:
     import onnx
 
 OPSET = 20  # Gelu(approximate="tanh") needs opset 20
-IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime-gpu 1.31 loads at most 13 (FACTS §2)
+IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime-gpu 1.31 loads at most 13 (docs/onnxruntime-gqa.md)
 # Example sizes for tracing: all different and >= 2, so that no dynamic dimension is specialised.
 EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 3, 5
 
@@ -38,7 +39,7 @@ class InitializerSpec:
 
     @property
     def nbytes(self) -> int:
-        n = {"fp32": 4, "fp16": 2, "bf16": 2}[self.dtype]
+        n = DTYPE_BYTES[self.dtype]
         for d in self.shape:
             n *= d
         return n
@@ -86,11 +87,10 @@ def trace_model(config: Config, dtype: str, target: str):
     return program.model
 
 
-def build_graph(config: Config, dtype: str, target: str) -> ExportGraph:
-    """Trace, then tidy: I/O names, folded weight layouts, IR version (see rewrite.py)."""
+def traced_proto(config: Config, dtype: str, target: str) -> tuple[onnx.ModelProto, dict[str, tuple[str, tuple[int, ...]]]]:
+    """The traced graph as a ModelProto without initializers, and {initializer: (dtype, shape)}; rewrite.finish_graph
+    tidies it into the artifact's graph."""
     import onnx_ir as ir
-
-    from sc2deploy.export.rewrite import finish_graph
 
     traced = trace_model(config, dtype, target)
     graph = traced.graph
@@ -98,8 +98,7 @@ def build_graph(config: Config, dtype: str, target: str) -> ExportGraph:
     for name in list(graph.initializers):
         value = graph.initializers.pop(name)
         traced_initializers[name] = (_dtype_name(value.dtype), tuple(int(d) for d in value.shape))
-    proto = ir.to_proto(traced)
-    return finish_graph(proto, traced_initializers, config, target)
+    return ir.to_proto(traced), traced_initializers
 
 
 def _dtype_name(dtype) -> str:

@@ -24,9 +24,8 @@ from collections.abc import Callable
 
 from sc2deploy.config import Config
 from sc2deploy.export import schemas
-from sc2deploy.plugins.trt_rules import ATTENTION, NAMESPACE, PLUGIN_VERSION, ROPE
-
-ONNX_DTYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # onnx.TensorProto.FLOAT / FLOAT16 / BFLOAT16
+from sc2deploy.contract import GQA_DOMAIN, ONNX_DTYPES, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from sc2deploy.plugins.trt_rules import ATTENTION, ROPE
 
 
 def attention_translation(config: Config, dtype: str, target: str) -> dict:
@@ -44,8 +43,8 @@ def _ort_node(config: Config, dtype: str) -> Callable:
     from onnxscript import opset20 as op
     from onnxscript.values import Opset
 
-    msft = Opset(schemas.GQA_DOMAIN, 1)
-    windowed = bool(config.sliding_window)
+    msft = Opset(GQA_DOMAIN, 1)
+    windowed = config.windowed
     to = ONNX_DTYPES[dtype]
 
     def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
@@ -70,10 +69,10 @@ def _ort_node(config: Config, dtype: str) -> Callable:
 def _trt_node(config: Config, dtype: str) -> Callable:
     from onnxscript.values import Opset
 
-    plugins = Opset(schemas.PLUGIN_DOMAIN, 1)
+    plugins = Opset(PLUGIN_DOMAIN, 1)
     rope_cache = getattr(plugins, ROPE.name)
     attention = getattr(plugins, ATTENTION.name)
-    plugin = dict(plugin_namespace=NAMESPACE, plugin_version=PLUGIN_VERSION, head_size=config.head_dim)
+    plugin = dict(plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION, head_size=config.head_dim)
 
     def sliding_window_gqa_plugins(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
                                    cos_cache, sin_cache, num_heads: int, kv_num_heads: int, local_window_size: int,

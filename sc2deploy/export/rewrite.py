@@ -13,12 +13,10 @@
 from __future__ import annotations
 
 from sc2deploy.config import Config
-from sc2deploy.export import schemas
 from sc2deploy.export.graph import IR_VERSION, OPSET, ExportGraph, InitializerSpec
-from sc2deploy.export.nodes import ONNX_DTYPES
-from sc2deploy.export.targets import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, past_name, present_name
+from sc2deploy.contract import (ATTENTION_MASK, DTYPE_OF_ONNX, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, attention_domain,
+                                graph_io)
 
-DTYPE_OF_ONNX = {v: k for k, v in ONNX_DTYPES.items()}
 ROPE_TABLES = ("cos_cache", "sin_cache")
 
 
@@ -39,9 +37,7 @@ def finish_graph(proto, traced_initializers: dict[str, tuple[str, tuple[int, ...
 # ---------------------------------------------------------------- 1. names
 def _rename_io(proto, config: Config) -> None:
     g = proto.graph
-    n = config.num_hidden_layers
-    inputs = [INPUT_IDS, ATTENTION_MASK] + [past_name(i, k) for i in range(n) for k in ("key", "value")]
-    outputs = [LOGITS] + [present_name(i, k) for i in range(n) for k in ("key", "value")]
+    inputs, outputs = graph_io(config.num_hidden_layers, "trt")  # as traced: ort's logits_to_keep comes later
     if len(g.input) != len(inputs) or len(g.output) != len(outputs):
         raise AssertionError(f"traced graph has {len(g.input)} inputs / {len(g.output)} outputs, "
                              f"expected {len(inputs)} / {len(outputs)}")
@@ -57,7 +53,7 @@ def _rename_io(proto, config: Config) -> None:
         del value.metadata_props[:]
     del g.value_info[:]
 
-    windowed = bool(config.sliding_window)
+    windowed = config.windowed
     kv_dims = ["batch", config.num_key_value_heads, "past_sequence", config.head_dim]
     present_dims = kv_dims if windowed else ["batch", config.num_key_value_heads, "present_sequence", config.head_dim]
     shapes = {INPUT_IDS: ["batch", "sequence"], ATTENTION_MASK: ["batch", "total_sequence"],
@@ -158,6 +154,6 @@ def _finish_metadata(proto, target: str) -> None:
     proto.graph.name = "starcoder2"
     for node in proto.graph.node:
         del node.metadata_props[:]
-    domain = schemas.GQA_DOMAIN if target == "ort" else schemas.PLUGIN_DOMAIN
+    domain = attention_domain(target)
     del proto.opset_import[:]
     proto.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid(domain, 1)])

@@ -12,19 +12,14 @@ they list exactly the inputs, outputs and attributes the export uses:
 """
 from __future__ import annotations
 
+from sc2deploy.contract import ATTENTION_OUTPUTS, GQA_DOMAIN, GQA_INPUTS, GQA_OP, PLUGIN_DOMAIN
 from sc2deploy.plugins.trt_rules import ATTENTION, FP32, INPUT_KINDS, INT32, ROPE
 
-GQA_DOMAIN, GQA_OP = "com.microsoft", "GroupQueryAttention"
-PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_ATTRIBUTES = {  # op -> (int attributes, float attributes) on its node
     ROPE.name: (("num_heads", "kv_num_heads", "head_size", "max_position_embeddings"), ("rope_theta",)),
     ATTENTION.name: (("num_heads", "kv_num_heads", "head_size", "local_window_size"), ("scale",)),
 }
 
-GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
-              "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
-              "q_norm_weight", "k_norm_weight", "query_seqlens")
-OUTPUTS = ("output", "present_key", "present_value")
 FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _INT_TYPES = ["tensor(int32)"]
 
@@ -75,7 +70,7 @@ def register_schemas() -> None:
                   for n in GQA_INPUTS]
         defs.register_schema(schema(
             GQA_OP, GQA_DOMAIN, 1, "ONNX Runtime's GroupQueryAttention (the subset sc2deploy emits).",
-            inputs=inputs, outputs=[schema.FormalParameter(n, "T") for n in OUTPUTS],
+            inputs=inputs, outputs=[schema.FormalParameter(n, "T") for n in ATTENTION_OUTPUTS],
             type_constraints=[("T", FLOAT_TYPES, "activations and cache"), ("M", _INT_TYPES, "lengths"),
                               ("I", ["tensor(int64)"], "positions"), ("S", ["tensor(float)"], "cache scales")],
             attributes=attrs(ints=("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved",

@@ -1,24 +1,11 @@
-"""What an export can be: the targets, the dtypes each accepts, and the names of the graph's I/O."""
+"""What an export can be: the dtypes each target accepts, and what a target needs of the model."""
 from __future__ import annotations
 
-from sc2deploy.config import DTYPE_BYTES, Config
+from sc2deploy.config import Config
+from sc2deploy.contract import DTYPE_BYTES, TARGETS
 from sc2deploy.errors import UserError
 
-TARGETS = ("ort", "trt")
 TARGET_DTYPES = {"ort": ("fp32", "fp16"), "trt": ("fp32", "fp16", "bf16")}
-
-# The names onnxruntime-genai and optimum use.
-INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
-# An extra input with a default of 0 (every position): k > 0 computes the logits of the last k positions only.
-LOGITS_TO_KEEP = "logits_to_keep"
-
-
-def past_name(layer: int, kind: str) -> str:
-    return f"past_key_values.{layer}.{kind}"
-
-
-def present_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}"
 
 
 def check_target_dtype(target: str, dtype: str) -> None:

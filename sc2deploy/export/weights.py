@@ -2,7 +2,7 @@
 
 One source tensor is in memory at a time (plus a chunk of its transpose), so peak memory is
 bounded by the largest tensor, not the model. Tensors under INLINE_BYTES stay inside
-model.onnx (external data for tiny tensors breaks loading, FACTS §2); the others are written
+model.onnx (external data for tiny tensors breaks loading, docs/onnxruntime-gqa.md); the others are written
 at offsets aligned to ALIGNMENT bytes (page-aligned, so ONNX Runtime can map them), and the
 file's sha256 is computed while writing, so the manifest never re-reads it. Producing bytes
 (reading, converting, transposing) and consuming them (hashing, writing) overlap: a writer
@@ -20,9 +20,8 @@ from pathlib import Path
 
 from sc2deploy.config import Config, torch_dtype
 from sc2deploy.export.graph import ExportGraph, InitializerSpec
-from sc2deploy.export.nodes import ONNX_DTYPES
+from sc2deploy.contract import DATA_FILE, ONNX_DTYPES
 
-DATA_FILE = "model.onnx.data"
 INLINE_BYTES = 1024
 ALIGNMENT = 4096
 CHUNK_BYTES = 32 << 20  # tensors are written in chunks of about this size
@@ -163,28 +162,3 @@ def _inline_proto(spec: InitializerSpec, chunks):
 
     return TensorProto(name=spec.name, data_type=ONNX_DTYPES[spec.dtype], dims=list(spec.shape),
                        raw_data=b"".join(bytes(c) for c in chunks))
-
-
-def check_external_data(model_path: Path) -> None:
-    """Every external-data file `model_path` refers to exists and is long enough (a clear error, not ORT's)."""
-    import onnx
-
-    from sc2deploy.errors import UserError
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    needed: dict[str, int] = {}
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        needed[info["location"]] = max(needed.get(info["location"], 0), end)
-    for location, end in needed.items():
-        path = model_path.parent / location
-        if not path.is_file():
-            raise UserError(f"{path} is missing: {model_path.name} keeps its weights there; copy the whole artifact "
-                            "folder or re-export it")
-        size = path.stat().st_size
-        if size < end:
-            raise UserError(f"{path} is truncated: {size} bytes, but {model_path.name} needs {end}; the copy or export "
-                            "was interrupted: copy the artifact again or re-export it")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sc2deploy.plugins import tiling, triton_launch
 from sc2deploy.plugins import triton_kernel as tk
 from sc2deploy.plugins.trt_rules import OpSpec, PluginRuleError, aot_extra_args
 
@@ -39,15 +40,16 @@ _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "int32": 4, "int64": 8, "int8": 1}
 
 
 # ---------------------------------------------------------------- tactics -> kernel configs
-def kernel_config(tactic_name: str, dtype: str, num_heads: int, kv_num_heads: int, head_dim: int) -> tk.KernelConfig:
+def kernel_config(tactic_name: str, dtype: str, num_heads: int, kv_num_heads: int,
+                  head_dim: int) -> tiling.KernelConfig:
     """The attention KernelConfig of a named tactic (trt_rules.TACTICS); every tactic computes the same values."""
     torch_dtype = TORCH_DTYPES[dtype]
     if dtype == "fp32" or tactic_name == "prefill":
-        return tk.default_config(1024, num_heads, kv_num_heads, head_dim, torch_dtype, fused=False)
+        return tiling.default_config(1024, num_heads, kv_num_heads, head_dim, torch_dtype, fused=False)
     if tactic_name == "decode":
-        return tk.default_config(1, num_heads, kv_num_heads, head_dim, torch_dtype, fused=False)
+        return tiling.default_config(1, num_heads, kv_num_heads, head_dim, torch_dtype, fused=False)
     if tactic_name == "compact":
-        return tk.KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+        return tiling.KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     raise PluginRuleError(f"unknown tactic {tactic_name!r}")
 
 
@@ -91,15 +93,17 @@ def launch_plan(spec: OpSpec, input_shapes: Sequence[Sequence[Any]], attrs: dict
     head_dim = static_int(by_name["past_key"][3], f"{spec.name}: the head size (past_key's last dim)")
     batch = input_shapes[0][0]
     seq_len, capacity = aot_extra_args(spec, input_shapes)
-    signature, none_args = tk.aot_signature(spec.kernel, TORCH_DTYPES[dtype])
+    signature, none_args = triton_launch.aot_signature(spec.kernel, TORCH_DTYPES[dtype])
     if spec.kernel == "rope":
         name = "rope_cache_kernel"
-        p = tk.rope_launch_params(batch, seq_len, capacity, nq, nkv, head_dim, tk.KernelConfig(), copy_past=True)
+        p = triton_launch.rope_launch_params(batch, seq_len, capacity, nq, nkv, head_dim, tiling.KernelConfig(),
+                                             copy_past=True)
     else:
         name = "sliding_window_gqa_kernel"
         config = kernel_config(tactic_name, dtype, nq, nkv, head_dim)
-        p = tk.attention_launch_params(batch, seq_len, capacity, nq, nkv, head_dim, int(attrs["local_window_size"]),
-                                       float(attrs["scale"]), config, TORCH_DTYPES[dtype], fused=False)
+        p = triton_launch.attention_launch_params(batch, seq_len, capacity, nq, nkv, head_dim,
+                                                  int(attrs["local_window_size"]), float(attrs["scale"]), config,
+                                                  TORCH_DTYPES[dtype], fused=False)
     gx, gy, gz = p["grid"]
     return LaunchPlan(name, (gx, gy, gz), (seq_len, capacity), int(p["num_warps"]), int(p["num_stages"]),
                       dict(p["constexprs"], **none_args), dict(signature))

@@ -29,17 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-NAMESPACE = "sc2deploy"
-PLUGIN_VERSION = "1"
+from sc2deploy.contract import (ATTENTION_PLUGIN, ATTENTION_PLUGIN_INPUTS, PLUGIN_INPUTS, PLUGIN_NAMESPACE, ROPE_OUTPUTS,
+                                ROPE_PLUGIN)
+
 
 # Input kinds: "act" tensors share one floating dtype (fp16, bf16 or fp32); the rest are fixed.
 ACT, INT32, FP32 = "act", "int32", "fp32"
 FLOAT_DTYPES = ("fp16", "bf16", "fp32")
 AUTOTUNE_NAMES = {"fp16": "FP16", "bf16": "BF16", "fp32": "FP32", "int32": "INT32"}
 
-CONTRACT_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
-                   "cos_cache", "sin_cache")
-ATTENTION_INPUTS = ("q_rot", "k_rot", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length")
 INPUT_KINDS = {"query": ACT, "key": ACT, "value": ACT, "past_key": ACT, "past_value": ACT, "q_rot": ACT, "k_rot": ACT,
                "seqlens_k": INT32, "total_sequence_length": INT32,
                "cos_cache": FP32, "sin_cache": FP32}
@@ -61,22 +59,22 @@ class OpSpec:
     outputs: tuple[str, ...]
     like: tuple[int, ...]  # output i has the shape and dtype of input like[i]
     attributes: tuple[tuple[str, type], ...]
-    kernel: str  # the one Triton kernel an aot_impl embeds (triton_kernel.aot_signature's name)
+    kernel: str  # the one Triton kernel an aot_impl embeds (triton_launch.aot_signature's name)
     tuned: bool  # whether TensorRT times the TACTICS (block shapes) for it
     extra_args: tuple[str, ...] = EXTRA_ARGS  # int32 kernel scalars between input and output pointers
 
     @property
     def plugin_id(self) -> str:
-        return f"{NAMESPACE}::{self.name}"
+        return f"{PLUGIN_NAMESPACE}::{self.name}"
 
     @property
     def attribute_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.attributes)
 
 
-ROPE = OpSpec("RopeCache", CONTRACT_INPUTS, ("q_rot", "k_rot", "present_key", "present_value"), (0, 1, 3, 4),
-              HEAD_ATTRIBUTES, kernel="rope", tuned=False)
-ATTENTION = OpSpec("SlidingWindowGQA", ATTENTION_INPUTS, ("output",), (0,), ATTRIBUTES, kernel="attention", tuned=True)
+ROPE = OpSpec(ROPE_PLUGIN, PLUGIN_INPUTS, ROPE_OUTPUTS, (0, 1, 3, 4), HEAD_ATTRIBUTES, kernel="rope", tuned=False)
+ATTENTION = OpSpec(ATTENTION_PLUGIN, ATTENTION_PLUGIN_INPUTS, ("output",), (0,), ATTRIBUTES, kernel="attention",
+                   tuned=True)
 SPECS = {spec.name: spec for spec in (ROPE, ATTENTION)}  # in graph order: RopeCache feeds SlidingWindowGQA
 
 
@@ -203,7 +201,8 @@ def aot_extra_args(spec: OpSpec, input_shapes: Sequence[Sequence[Any]]) -> list[
 
 
 # ---------------------------------------------------------------- plugin hash
-PLUGIN_SOURCES = ("triton_kernel.py", "trt_kernels.py", "trt_plugin.py", "trt_rules.py")
+PLUGIN_SOURCES = ("triton_kernel.py", "tiling.py", "triton_launch.py", "trt_kernels.py", "trt_plugin.py",
+                  "trt_rules.py")
 
 
 def plugin_hash(folder: Path | None = None) -> str:

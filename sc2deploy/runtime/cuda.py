@@ -3,7 +3,7 @@
 The weights and modules are the reference model's (`load_model` on the device, bf16/fp16, or
 fp32), with q/k/v run as one projection (`fuse_qkv`: the three weights become views of one);
 only attention differs, and it keeps the contract of `sc2deploy.attention`:
-  * prefill: `triton_kernel.launch` (RoPE + cache kernel, then windowed flash attention) with
+  * prefill: `triton_attention.launch` (RoPE + cache kernel, then windowed flash attention) with
     the slot's cache rows as both past and present: a first prompt reads no past, so writing
     in place is exact;
   * decode: `triton_decode.decode_attention` (flash-decoding split over the window, then the
@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sc2deploy.checkpoint import TensorSource, load_model
-from sc2deploy.config import DTYPE_BYTES, torch_dtype
+from sc2deploy.config import torch_dtype
+from sc2deploy.contract import DTYPE_BYTES
 from sc2deploy.errors import UserError
 from sc2deploy.model import Attention, DecoderLayer, Starcoder2
 from sc2deploy.runtime.base import Runtime
@@ -167,7 +168,7 @@ class CudaRuntime(Runtime):
     # ---------------------------------------------------------------- running
     def _prefill(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
         """Right-padded prompts into slots first_slot.. (first prompts: the cache rows are written in place)."""
-        from sc2deploy.plugins.triton_kernel import launch
+        from sc2deploy.plugins.triton_attention import launch
 
         c, model = self.config, self.model
         longest = max(len(p) for p in prompts)

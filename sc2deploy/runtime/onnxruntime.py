@@ -12,7 +12,7 @@ at once when the row would overflow (L(T) = T up to C, then T - G*ceil((T-C)/G);
 >= min(T, W), so the window is resident). That is a compacting layout, not the contract's
 ring (slot = position % C), but the attention output is the contract's: measured equal to
 sliding_window_gqa_reference past the wrap, for decode, batched ragged prefill, and prompts
-longer than C (tests/export/test_gqa_semantics.py). C is max(W, min(wanted, W + slack)) on
+longer than C (tests/export/test_nodes.py). C is max(W, min(wanted, W + slack)) on
 CPU (slack amortises the compaction copy over G steps) and W on CUDA (its kernel requires
 C == W). Without a window the cache is linear: C = the wanted capacity, as in the contract.
 
@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 
 from sc2deploy.config import Config
+from sc2deploy.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, MANIFEST, MODEL_FILE, check_external_data,
+                                open_artifact_manifest, past_name, present_name)
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
 
@@ -57,23 +59,16 @@ class OrtRuntime(Runtime):
         after each parallel op, taking the cores ONNX Runtime's threads need next: with 2 cores, batch-8 decode of
         the bench preset went from ~325 to ~470 tok/s with torch on 1 thread. Note that this is process-wide.
         """
-        from sc2deploy.export.manifest import verify_artifact
-        from sc2deploy.export.weights import check_external_data
-
         self.artifact = Path(artifact)
-        manifest = verify_artifact(self.artifact, hashes=verify)
-        if manifest.get("target") != "ort":
-            raise UserError(f"{self.artifact} was exported for --target {manifest.get('target')}, not ort; "
-                            "export it again with --target ort (or use the trt backend)")
-        graph = manifest["graph"]
-        model_path = self.artifact / graph["file"]
+        manifest = open_artifact_manifest(self.artifact, "ort", hashes=verify)
+        model_path = self.artifact / manifest.graph.get("file", MODEL_FILE)
         check_external_data(model_path)
-        self.config = Config.from_hf_dict(manifest["config"], source=str(self.artifact / "sc2deploy.json"))
-        self.dtype = manifest["dtype"]
+        self.config = Config.from_hf_dict(manifest.config, source=str(self.artifact / MANIFEST))
+        self.dtype = manifest.dtype
         if self.dtype not in NUMPY_DTYPES:
             raise UserError(f"{self.artifact} holds {self.dtype} weights; the ort runtime runs fp32 or fp16 artifacts")
         self.max_batch = max_batch
-        self.windowed = bool(graph.get("sliding_window_cache"))
+        self.windowed = bool(manifest.graph.get("sliding_window_cache"))
         self.provider = _choose_provider(provider)
         self.threads = threads
         if self.provider == "cpu" and torch_threads:
@@ -251,8 +246,8 @@ class OrtRuntime(Runtime):
             io = self._bind(pointers, batch, keep, logits)
             if key:
                 self._bindings[key] = io
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input(INPUT_IDS, ids)
+        io.bind_cpu_input(ATTENTION_MASK, mask)
         self.session.run_with_iobinding(io)
         return logits if logits is not None else io.get_outputs()[0].numpy()
 
@@ -262,15 +257,15 @@ class OrtRuntime(Runtime):
         if self._logits_to_keep is not None:
             io.bind_ortvalue_input("logits_to_keep", self._logits_to_keep[keep])
         if logits is not None:
-            io.bind_output("logits", "cpu", 0, self._np_dtype, list(logits.shape), logits.ctypes.data)
+            io.bind_output(LOGITS, "cpu", 0, self._np_dtype, list(logits.shape), logits.ctypes.data)
         else:
-            io.bind_output("logits", "cpu")  # bound first: get_outputs()[0] is the logits
+            io.bind_output(LOGITS, "cpu")  # bound first: get_outputs()[0] is the logits
         device, device_id = self._device
         shape = [batch, c.num_key_value_heads, self.capacity, c.head_dim]
         for layer, (k, v) in enumerate(pointers):
             for kind, ptr in (("key", k), ("value", v)):
-                io.bind_input(f"past_key_values.{layer}.{kind}", device, device_id, self._np_dtype, shape, ptr)
-                io.bind_output(f"present.{layer}.{kind}", device, device_id, self._np_dtype, shape, ptr)
+                io.bind_input(past_name(layer, kind), device, device_id, self._np_dtype, shape, ptr)
+                io.bind_output(present_name(layer, kind), device, device_id, self._np_dtype, shape, ptr)
         return io
 
     def _check_room(self, total: int) -> None:

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from sc2deploy.build import (ATTENTION_MASK, ENGINE_FILE, INPUT_IDS, LOGITS, check_engine_manifest, engine_limits,
-                             past_name, present_name, read_engine_manifest)
 from sc2deploy.config import Config
+from sc2deploy.contract import (ATTENTION_MASK, ENGINE, ENGINE_FILE, INPUT_IDS, LOGITS, MANIFEST, Manifest,
+                                check_engine_manifest, engine_limits, past_name, present_name, read_manifest)
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
 
@@ -58,20 +58,20 @@ class TrtRuntime(Runtime):
         if threads:
             torch.set_num_threads(threads)
         folder = Path(engine_dir)
-        manifest = read_engine_manifest(folder)
+        manifest = read_manifest(folder, ENGINE)
         gpu = gpu_identity(device)
         for warning in check_engine_manifest(manifest, tensorrt_version=str(trt.__version__), gpu_name=gpu["name"],
                                              compute_capability=gpu["compute_capability"],
                                              plugin_hash=plugin_hash()):
             log.warning("%s: %s", folder, warning)
 
-        if manifest["plugin"].get("mode") == "jit":
+        if manifest.plugin.get("mode") == "jit":
             from sc2deploy.plugins.trt_plugin import register_plugins  # the engine calls back into Python
 
             register_plugins()
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
-        path = folder / manifest["engine"].get("file", ENGINE_FILE)
+        path = folder / manifest.engine.get("file", ENGINE_FILE)
         if not path.is_file():
             raise UserError(f"{folder} lacks {path.name}; rebuild the engine")
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
@@ -82,7 +82,7 @@ class TrtRuntime(Runtime):
         self._setup(trt, engine, manifest, folder, max_batch, capacity, torch.device("cuda", device))
 
     @classmethod
-    def from_engine(cls, trt: Any, engine: Any, manifest: dict, folder: Path, max_batch: int = 1,
+    def from_engine(cls, trt: Any, engine: Any, manifest: Manifest, folder: Path, max_batch: int = 1,
                     capacity: int | None = None, device: str | torch.device = "cuda") -> TrtRuntime:
         """A runtime over an already deserialized engine (and the tensorrt module it came from): no checks.
 
@@ -93,11 +93,11 @@ class TrtRuntime(Runtime):
         self._setup(trt, engine, manifest, Path(folder), max_batch, capacity, torch.device(device))
         return self
 
-    def _setup(self, trt: Any, engine: tensorrt.ICudaEngine, manifest: dict, folder: Path, max_batch: int,
+    def _setup(self, trt: Any, engine: tensorrt.ICudaEngine, manifest: Manifest, folder: Path, max_batch: int,
                capacity: int | None, device: torch.device) -> None:
         self.folder, self.manifest, self.device = folder, manifest, device
-        self.config = Config.from_hf_dict(manifest["config"], source=str(folder / "sc2deploy.json"))
-        self.dtype = str(manifest["dtype"])
+        self.config = Config.from_hf_dict(manifest.config, source=str(folder / MANIFEST))
+        self.dtype = manifest.dtype
         engine_batch, self.max_input_len, self.max_seq_len, engine_capacity = engine_limits(manifest)
         if max_batch > engine_batch:
             raise UserError(f"{max_batch} slots asked, but the engine {folder} was built for batches of at most "
@@ -209,7 +209,7 @@ class TrtRuntime(Runtime):
 
     def describe(self) -> dict:
         return {**super().describe(), "engine": str(self.folder), "tensorrt": str(getattr(self._trt, "__version__", "?")),
-                "plugin": self.manifest["plugin"].get("mode"), "max_input_len": self.max_input_len,
+                "plugin": self.manifest.plugin.get("mode"), "max_input_len": self.max_input_len,
                 "max_seq_len": self.max_seq_len}
 
     # ---------------------------------------------------------------- execution

@@ -7,4 +7,5 @@
   scheduler.py  continuous batching: one engine thread owns the runtime
   server.py the servicer, health, reflection, TLS, limits, graceful stop
   auth.py   API keys; metrics.py Prometheus; client.py the client `sc2deploy complete` uses
+  logs.py   text or JSON log lines; request ids (x-request-id)
 """

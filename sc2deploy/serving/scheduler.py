@@ -68,6 +68,7 @@ class Request:
     deadline: float | None  # time.monotonic() value
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     id: int = 0
+    request_id: str = ""  # the server's id of the call, for log lines
     slot: int | None = None
     submitted: float = field(default_factory=time.monotonic)
     last_token_at: float | None = None
@@ -115,9 +116,9 @@ class Scheduler:
         self._thread.start()
 
     # ---- called from RPC threads ----
-    def submit(self, job: Job, deadline: float | None = None) -> Request:
+    def submit(self, job: Job, deadline: float | None = None, request_id: str = "") -> Request:
         seq = Sequence(self.tokenizer, list(job.prompt_ids), job.params, job.stop_ids, logprobs=job.logprobs)
-        request = Request(job, seq, deadline)
+        request = Request(job, seq, deadline, request_id=request_id)
         with self._lock:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
@@ -225,7 +226,7 @@ class Scheduler:
             try:
                 logits = self.runtime.prefill(request.slot, request.job.prompt_ids)
             except Exception:
-                log.exception("prefill failed for request %d", request.id)
+                log.exception("prefill failed for request %d", request.id, extra={"request_id": request.request_id})
                 self._finish(request, Finished("error", error="prefill failed on this request"))
                 continue
             self._deliver(request, request.seq.accept(logits))

@@ -22,7 +22,7 @@ import platform
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from importlib import metadata
 
@@ -36,6 +36,7 @@ from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
 from sc2deploy.serving.auth import ApiKeyInterceptor, KeyRing, server_ssl_context
 from sc2deploy.serving.jobs import Limits, build_job
+from sc2deploy.serving.logs import REQUEST_ID_KEY, request_id
 from sc2deploy.serving.metrics import Metrics
 from sc2deploy.serving.scheduler import DEADLINE, Finished, QueueFull, Request, Scheduler, ShuttingDown, Step
 from sc2deploy.serving.v1 import completion_pb2 as pb
@@ -71,6 +72,21 @@ class ServerOptions:
     source: str = ""  # where the weights came from, for GetModelInfo
 
 
+@dataclass
+class Call:
+    """One call, for its access-log line: method, request id, start, and the tokens it got to."""
+
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_KEY, self.request_id),)
+
+
 class CompletionServicer:
     """The CompletionService's methods, as coroutines on the server's event loop."""
 
@@ -83,9 +99,10 @@ class CompletionServicer:
         self.tokenize_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sc2deploy-tokenize")
 
     async def GetModelInfo(self, request, context):
+        call = self._begin("GetModelInfo", context)
         if isinstance(request, BadRequest):
-            await self._abort(context, "GetModelInfo", grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        self._count("GetModelInfo", "OK")
+            await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        self._count(call, "OK")
         return self.info
 
     async def Complete(self, requests, context):
@@ -114,71 +131,91 @@ class CompletionServicer:
 
     async def _run(self, method: str, requests, context):
         """Read, validate, enqueue; yield the request's Steps and its final Finished. Aborts with the status.
-        Each call is counted once, under the status it ends with."""
+        Each call is counted once, under the status it ends with, and logged once (the access log)."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        call = self._begin(method, context)
         try:
-            request = await self._read(method, context)
+            request = await self._read(call, context)
             if isinstance(request, BadRequest):
-                await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            job = await self._prepare(method, request, context)
+                await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            job = await self._prepare(call, request, context)
+            call.prompt_tokens = len(job.prompt_ids)
             try:
-                handle = self.scheduler.submit(job, deadline)
+                handle = self.scheduler.submit(job, deadline, request_id=call.request_id)
             except QueueFull as e:
-                await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                await self._abort(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
             except ShuttingDown as e:
-                await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, str(e))
+                await self._abort(context, call, grpc.StatusCode.UNAVAILABLE, str(e))
             try:
                 async for event in _events(handle):
                     if isinstance(event, Finished):
                         finished = event
                         break
+                    call.completion_tokens += len(event.token_ids)
                     yield event
             finally:
                 handle.cancel()  # a no-op once finished; frees the slot if the client went away mid-stream
         except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
             expired = deadline is not None and time.monotonic() >= deadline - 0.01
-            self._count(method, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            self._count(call, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
             raise
+        call.prompt_tokens, call.completion_tokens = finished.prompt_tokens, finished.completion_tokens
         if finished.reason == DEADLINE:
-            await self._abort(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
+            await self._abort(context, call, grpc.StatusCode.DEADLINE_EXCEEDED,
                               f"the deadline passed after {finished.completion_tokens} tokens")
         if finished.reason == "error":
-            await self._abort(context, method, grpc.StatusCode.INTERNAL, finished.error)
-        self._count(method, "OK")
+            await self._abort(context, call, grpc.StatusCode.INTERNAL, finished.error)
+        self._count(call, "OK")
         yield finished
 
-    async def _read(self, method: str, context):
+    async def _read(self, call: Call, context):
         """The call's one request message, if it arrives within read_timeout seconds."""
         try:
             request = await asyncio.wait_for(context.read(), self.read_timeout)
         except asyncio.TimeoutError:
-            await self._abort(context, method, grpc.StatusCode.DEADLINE_EXCEEDED,
+            await self._abort(context, call, grpc.StatusCode.DEADLINE_EXCEEDED,
                               f"no request message within {self.read_timeout:g} s")
         if request is grpc.aio.EOF:
-            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+            await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
         return request
 
-    async def _prepare(self, method: str, request, context):
+    async def _prepare(self, call: Call, request, context):
         """The request's Job, built off the event loop; a bounded number at a time."""
         if self.preparing >= self.max_preparing:
-            await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await self._abort(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"{self.preparing} requests are being prepared; retry later")
         self.preparing += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, build_job, request,
                                                                     self.tokenizer, self.limits)
         except UserError as e:
-            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self.preparing -= 1
 
-    def _count(self, method: str, code: str) -> None:
-        self.metrics.requests.labels(method, code).inc()
+    @staticmethod
+    def _begin(method: str, context) -> Call:
+        """The call's record, with the client's x-request-id or a new one, which goes back as trailing metadata."""
+        call = Call(method, request_id(context.invocation_metadata()))
+        context.set_trailing_metadata(call.metadata)
+        return call
 
-    async def _abort(self, context, method: str, code: grpc.StatusCode, message: str):
-        self._count(method, code.name)
-        await context.abort(code, message)
+    def _count(self, call: Call, code: str, detail: str = "") -> None:
+        """Count the call under its final status and write its access-log line."""
+        self.metrics.requests.labels(call.method, code).inc()
+        ms = (time.monotonic() - call.started) * 1000
+        log.info("%s %s in %.1f ms: prompt %d tokens, completion %d tokens%s", call.method, code, ms,
+                 call.prompt_tokens, call.completion_tokens, f" ({detail})" if detail else "",
+                 extra={"request_id": call.request_id, "method": call.method, "code": code,
+                        "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                        "duration_ms": round(ms, 3), **({"detail": detail} if detail else {})})
+
+    async def _abort(self, context, call: Call, code: grpc.StatusCode, message: str):
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("%s failed: %s", call.method, message, extra={"request_id": call.request_id})
+        self._count(call, code.name, message[:200])
+        await context.abort(code, message, trailing_metadata=call.metadata)
 
 
 async def _events(handle: Request):
@@ -320,12 +357,17 @@ class CompletionServer:
         log.info("serving %s on %s:%d", SERVICE, o.host, self.port)
         return self.port
 
+    def _refused(self, method: str) -> None:
+        """A call refused for its API key, before it has a request id: counted and logged."""
+        name = method.rsplit("/", 1)[-1]
+        self.metrics.requests.labels(name, "UNAUTHENTICATED").inc()
+        log.info("%s UNAUTHENTICATED", name, extra={"method": name, "code": "UNAUTHENTICATED"})
+
     async def _start(self) -> int:
         o = self.options
         interceptors = []
         if self.keys is not None:
-            interceptors.append(ApiKeyInterceptor(self.keys, on_reject=lambda method: self.metrics.requests
-                                                  .labels(method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()))
+            interceptors.append(ApiKeyInterceptor(self.keys, on_reject=self._refused))
         self.server = server = grpc.aio.server(
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", o.max_message_bytes),

@@ -8,7 +8,7 @@ import pytest
 from sc2deploy.cli import main
 from sc2deploy.config import Config
 from sc2deploy.errors import UserError
-from sc2deploy.export.manifest import MANIFEST
+from sc2deploy.contract import MANIFEST
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

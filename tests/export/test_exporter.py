@@ -10,7 +10,8 @@ import torch
 
 from sc2deploy.checkpoint import CheckpointSource, load_model
 from sc2deploy.export import export_artifact
-from sc2deploy.export.manifest import MANIFEST, verify_artifact
+from sc2deploy.contract import MANIFEST
+from sc2deploy.export.manifest import verify_artifact
 
 # fp16 tolerances (logits of these random models are at most ~0.8 in size). Measured on the four oracle
 # configs: fp16 export vs transformers fp32 <= 7.3e-4 (the eager fp16 model: <= 8.1e-4); fp16 export vs the
@@ -139,8 +140,8 @@ def test_random_weights_record_the_seed(tmp_path):
 
     artifact = export_artifact(RandomSource(preset("tiny"), seed=7), tmp_path / "art", "fp32", "trt", check=False)
     manifest = verify_artifact(artifact)
-    assert manifest["source"] == {"kind": "random", "seed": 7, "preset": "tiny"}
-    assert "genai_config.json" not in manifest["files"]
+    assert manifest.source == {"kind": "random", "seed": 7, "preset": "tiny"}
+    assert "genai_config.json" not in manifest.files
 
 
 class _FailingSource:

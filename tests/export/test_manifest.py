@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from sc2deploy.errors import UserError
-from sc2deploy.export.manifest import MANIFEST, verify_artifact
+from sc2deploy.contract import MANIFEST
+from sc2deploy.export.manifest import verify_artifact
 from sc2deploy.runtime.onnxruntime import OrtRuntime
 
 
@@ -20,7 +21,7 @@ def artifact(store, tmp_path):
 
 def test_a_sound_artifact_verifies(artifact):
     manifest = verify_artifact(artifact)
-    assert manifest["target"] == "ort"
+    assert manifest.target == "ort"
 
 
 def test_changed_bytes_fail_the_hash_check(artifact):
@@ -51,7 +52,7 @@ def test_truncated_external_data_is_named_at_load(artifact):
 
 def test_missing_manifest_means_not_an_artifact(artifact):
     (artifact / MANIFEST).unlink()
-    with pytest.raises(UserError, match="not an sc2deploy artifact"):
+    with pytest.raises(UserError, match="not an sc2deploy export artifact"):
         OrtRuntime(artifact)
 
 
@@ -68,7 +69,7 @@ def test_trt_artifact_is_refused_by_the_ort_runtime(store):
 
 def test_the_source_checkpoint_hashes_are_those_of_its_files(store):
     """What `parity` checks the source checkpoint against: the sha256 of each weight file, recorded at export."""
-    from sc2deploy.checkpoint import sha256_file
+    from sc2deploy.contract import sha256_file
 
     folder, _ = store.checkpoint()
     source = json.loads((store.artifact() / MANIFEST).read_text())["source"]

@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("triton")
 
 from sc2deploy.attention import sliding_window_gqa_reference  # noqa: E402
-from sc2deploy.plugins import gpu_check  # noqa: E402
+from bench import gpu_check  # noqa: E402
+from sc2deploy.plugins import tiling, triton_attention, triton_launch  # noqa: E402
 from sc2deploy.plugins import triton_kernel as tk  # noqa: E402
 
 if not tk.INTERPRET and not torch.cuda.is_available():
@@ -24,7 +25,7 @@ if not tk.INTERPRET and not torch.cuda.is_available():
 DEVICE = "cpu" if tk.INTERPRET else "cuda"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 ATOL = {F32: 1e-5, F16: 4e-3, BF16: 3e-2}
-SMALL = tk.KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+SMALL = tiling.KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,7 +38,7 @@ def inputs(nq, nkv, h, s, w, c, dtype, *, lengths=None, past=None, seed=0, devic
 def assert_matches(args, config=SMALL, fused=True, **kwargs):
     """Kernels vs reference: output within the dtype's tolerance, present caches bit-identical."""
     ref = sliding_window_gqa_reference(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in args.items()})
-    out, pk, pv, visits = tk.launch(**args, config=config, fused=fused, count_visits=True, **kwargs)
+    out, pk, pv, visits = triton_attention.launch(**args, config=config, fused=fused, count_visits=True, **kwargs)
     dtype = args["query"].dtype
     torch.testing.assert_close(out, ref[0], atol=ATOL[dtype], rtol=0)
     if tk.INTERPRET:  # same rounding as the reference; on a GPU fp32 RoPE may be FMA-contracted
@@ -132,8 +133,8 @@ def test_in_place_matches_reference_when_safe(s, w, c, past, fused):
 @pytest.mark.parametrize("group_tile,block_m,block_n", [(1, 16, 16), (3, 16, 32), (4, 32, 16), (2, 64, 64)])
 def test_group_tiles_and_block_sizes(group_tile, block_m, block_n, fused):
     """Packing 1, 3 (not a divisor of G = 4), 4 or 2 heads per tile; several block shapes."""
-    config = tk.KernelConfig(block_m=block_m, block_n=block_n, group_tile=group_tile, rope_block_s=32,
-                             copy_block=16)
+    config = tiling.KernelConfig(block_m=block_m, block_n=block_n, group_tile=group_tile, rope_block_s=32,
+                                 copy_block=16)
     assert_matches(inputs(8, 2, 32, 21, 9, 9, F32, lengths=[21, 14]), config, fused)
     assert_matches(inputs(8, 2, 32, 1, 9, 9, F16, past=[25, 4]), config, fused)
 
@@ -145,10 +146,10 @@ def test_default_configs(fused):
 
 
 def test_wrapper_is_a_drop_in_for_the_reference():
-    assert inspect.signature(tk.sliding_window_gqa_triton).parameters == \
+    assert inspect.signature(triton_attention.sliding_window_gqa_triton).parameters == \
         inspect.signature(sliding_window_gqa_reference).parameters
     args = inputs(4, 2, 16, 10, 4, 4, F32, lengths=[10, 6])
-    got = tk.sliding_window_gqa_triton(**args)
+    got = triton_attention.sliding_window_gqa_triton(**args)
     ref = sliding_window_gqa_reference(**args)
     assert len(got) == 3 and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(got, ref))
 
@@ -167,7 +168,7 @@ def test_key_block_range_is_exactly_the_blocks_with_visible_keys():
                         for q_end in range(q_start, q_start + 9, 4):
                             keys = {j for i in range(q_start, q_end) for j in range(lowest, i + 1)
                                     if (window <= 0 or i - j < window) and (highest is None or j < highest)}
-                            first, end = tk.key_block_range(q_start, q_end, window, block, lowest, highest)
+                            first, end = tiling.key_block_range(q_start, q_end, window, block, lowest, highest)
                             want = {j // block for j in keys}
                             if want:
                                 assert (first, end) == (min(want), max(want) + 1)
@@ -185,7 +186,7 @@ def test_visits_follow_key_block_range(nq, nkv, s, w, c, kind, fused):
     else:
         args = inputs(nq, nkv, 16, s, w, c, F32, past=[37, 5])
     _, visits = assert_matches(args, fused=fused)
-    want = tk.expected_visits(args["seqlens_k"].cpu(), s, int(args["total_sequence_length"]), c, w, nq, nkv, SMALL)
+    want = tiling.expected_visits(args["seqlens_k"].cpu(), s, int(args["total_sequence_length"]), c, w, nq, nkv, SMALL)
     assert torch.equal(visits.cpu(), want)
 
 
@@ -230,31 +231,32 @@ class Sym:
 
 
 def test_launch_params_accept_symbolic_sizes():
-    config = tk.KernelConfig(block_m=64, block_n=64, copy_block=64)
+    config = tiling.KernelConfig(block_m=64, block_n=64, copy_block=64)
     for batch, seq_len, cap in ((3, 1000, 4096), (1, 1, 4096), (2, 77, 0)):
         for fused, copy_past in ((True, True), (True, False), (False, True)):
-            sym = tk.attention_launch_params(Sym(batch), Sym(seq_len), Sym(cap), 48, 4, 128, 4096, 0.1, config,
-                                             torch.float16, fused=fused, copy_past=copy_past)
-            plain = tk.attention_launch_params(batch, seq_len, cap, 48, 4, 128, 4096, 0.1, config, torch.float16,
-                                               fused=fused, copy_past=copy_past)
+            sym = triton_launch.attention_launch_params(Sym(batch), Sym(seq_len), Sym(cap), 48, 4, 128, 4096, 0.1,
+                                                        config, torch.float16, fused=fused, copy_past=copy_past)
+            plain = triton_launch.attention_launch_params(batch, seq_len, cap, 48, 4, 128, 4096, 0.1, config,
+                                                          torch.float16, fused=fused, copy_past=copy_past)
             assert [getattr(g, "value", g) for g in sym["grid"]] == list(plain["grid"])
             # the 12 query heads of a kv head in one tile: 64 // 12 = 5 columns per tile
             copy_tiles = -(-cap // 64) if fused and copy_past else 0
             assert plain["grid"] == (-(-seq_len // 5) + copy_tiles, batch * 4, 1)
-        rope = tk.rope_launch_params(Sym(batch), Sym(seq_len), Sym(cap), 48, 4, 128, config)
+        rope = triton_launch.rope_launch_params(Sym(batch), Sym(seq_len), Sym(cap), 48, 4, 128, config)
         assert [getattr(g, "value", g) for g in rope["grid"]] == [-(-seq_len // 16) + -(-cap // 64), 52, batch]
-    assert tk.attention_launch_params(1, 1, 1, 8, 2, 64, 0, 1.0, config)["constexprs"]["DOT_PRECISION"] == "ieee"
+    assert triton_launch.attention_launch_params(1, 1, 1, 8, 2, 64, 0, 1.0,
+                                                 config)["constexprs"]["DOT_PRECISION"] == "ieee"
     with pytest.raises(ValueError):
-        tk.attention_launch_params(1, 1, 1, 6, 4, 64, 8, 1.0, config)
+        triton_launch.attention_launch_params(1, 1, 1, 6, 4, 64, 8, 1.0, config)
     with pytest.raises(ValueError):
-        tk.attention_launch_params(1, 1, 1, 8, 2, 48, 8, 1.0, config)
+        triton_launch.attention_launch_params(1, 1, 1, 8, 2, 48, 8, 1.0, config)
 
 
 def test_aot_signatures_follow_the_plugin_calling_convention():
     """(input pointers..., int scalars..., output pointers...), and exactly the kernel's other parameters."""
     for kernel, fn in (("fused", tk.sliding_window_gqa_kernel), ("attention", tk.sliding_window_gqa_kernel),
                        ("rope", tk.rope_cache_kernel)):
-        signature, none_args = tk.aot_signature(kernel, torch.bfloat16)
+        signature, none_args = triton_launch.aot_signature(kernel, torch.bfloat16)
         kinds = ["scalar" if t == "i32" else "ptr" for t in signature.values()]
         first, last = kinds.index("scalar"), len(kinds) - 1 - kinds[::-1].index("scalar")
         assert set(kinds[first:last + 1]) == {"scalar"} and len(kinds) - last - 1 >= 1
@@ -268,19 +270,20 @@ def test_aot_compile_for_sm90_without_spills():
     """The kernels compile to PTX/cubin for Hopper (no GPU needed) at StarCoder2-15b shapes, no spills."""
     script = textwrap.dedent("""
         import json, os, subprocess, sys, tempfile, torch
+        from sc2deploy.plugins import tiling, triton_launch
         from sc2deploy.plugins import triton_kernel as tk
         cuobjdump = os.path.join(os.path.dirname(tk.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
         report = []
         jobs = [(kernel, dtype, seq_len) for dtype in (torch.float16, torch.bfloat16) for seq_len in (1, 4096)
                 for kernel in ("fused", "attention")] + [("rope", torch.bfloat16, 4096)]
         for kernel, dtype, seq_len in jobs:
-            config = tk.default_config(seq_len, 48, 4, 128, dtype, fused=kernel == "fused")
-            ck = tk.compile_aot(kernel, dtype, 48, 4, 128, 4096, 128 ** -0.5, config)
+            config = tiling.default_config(seq_len, 48, 4, 128, dtype, fused=kernel == "fused")
+            ck = triton_launch.compile_aot(kernel, dtype, 48, 4, 128, 4096, 128 ** -0.5, config)
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(ck.asm["cubin"]); f.flush()
                 usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                        text=True).stdout
-            signature, _ = tk.aot_signature(kernel, dtype)
+            signature, _ = triton_launch.aot_signature(kernel, dtype)
             ptx = ck.asm["ptx"]
             entry = ptx[ptx.index(".entry"):]
             params = entry[:entry.index(")")].count(".param")

@@ -19,7 +19,8 @@ import torch
 pytest.importorskip("triton")
 
 from sc2deploy.attention import sliding_window_gqa_reference  # noqa: E402
-from sc2deploy.plugins import gpu_check, trt_kernels  # noqa: E402
+from bench import gpu_check  # noqa: E402
+from sc2deploy.plugins import triton_launch, trt_kernels  # noqa: E402
 from sc2deploy.plugins import triton_kernel as tk  # noqa: E402
 from sc2deploy.plugins.trt_rules import (ATTENTION, ROPE, SPECS, TACTICS, PluginRuleError,  # noqa: E402
                                          aot_extra_args, autotune_types, check_shapes, output_dtypes, output_shapes,
@@ -134,7 +135,7 @@ def test_tactics_and_their_override():
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
 def test_every_tactic_is_a_valid_kernel_config(tactic, dtype):
     config = trt_kernels.kernel_config(tactic, dtype, 48, 4, 128)
-    tk._check_config(48, 4, 128, config)
+    triton_launch._check_config(48, 4, 128, config)
 
 
 # ---------------------------------------------------------------- the AOT launch, symbolically

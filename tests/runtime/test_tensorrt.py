@@ -15,8 +15,9 @@ import ctypes
 import pytest
 import torch
 
-from sc2deploy.build import (ATTENTION_MASK, INPUT_IDS, LOGITS, Artifact, engine_manifest, expected_io, past_name,
-                             present_name, resolve_settings)
+from sc2deploy.build import Artifact, engine_manifest, resolve_settings
+from sc2deploy.contract import (ARTIFACT, ATTENTION_MASK, INPUT_IDS, LOGITS, MANIFEST, Manifest, graph_io, past_name,
+                                present_name)
 from sc2deploy.checkpoint import RandomSource, load_model
 from sc2deploy.config import preset
 from sc2deploy.errors import UserError
@@ -105,10 +106,10 @@ class FakeEngine:
 
     num_optimization_profiles = 2
 
-    def __init__(self, model, manifest: dict):
+    def __init__(self, model, manifest: Manifest):
         self.model, self.config = model, model.config
-        self.profiles = manifest["profiles"]
-        inputs, outputs = expected_io(self.config)
+        self.profiles = manifest.details["profiles"]
+        inputs, outputs = graph_io(self.config.num_hidden_layers, "trt")
         self.names = inputs + outputs
         self.calls: list[tuple] = []
         self.rejected: list[tuple] = []
@@ -135,12 +136,14 @@ def fake_runtime(tmp_path, max_batch=4, engine_batch=4, max_input_len=16, max_se
     config = preset("tiny")
     settings = resolve_settings(config, "fp32", max_batch=engine_batch, max_input_len=max_input_len,
                                 max_seq_len=max_seq_len)
-    artifact = Artifact(tmp_path, {"source": {"kind": "random", "seed": SEED}, "files": {}}, config, "fp32",
-                        tmp_path / "model.onnx")
+    exported = Manifest(ARTIFACT, config.to_hf_dict(), "fp32", details={"target": "trt",
+                                                                      "source": {"kind": "random", "seed": SEED}})
+    artifact = Artifact(tmp_path, exported, config, "fp32", tmp_path / "model.onnx")
     manifest = engine_manifest(artifact=artifact, settings=settings, tensorrt_version="fake",
                                gpu={"name": "cpu", "compute_capability": "0.0"}, plugin_hash="x", build_seconds=0.0,
                                engine_bytes=0, engine_sha256="")
-    manifest = __import__("json").loads(__import__("json").dumps(manifest))  # as read back from sc2deploy.json
+    manifest = Manifest.from_json(__import__("json").loads(__import__("json").dumps(manifest.to_json())),
+                                  tmp_path / MANIFEST)  # as read back from sc2deploy.json
     engine = FakeEngine(load_model(RandomSource(config, SEED), "fp32"), manifest)
     runtime = TrtRuntime.from_engine(FakeTrt, engine, manifest, tmp_path, max_batch=max_batch, device="cpu")
     return runtime, engine

@@ -1,7 +1,15 @@
-"""Health, reflection, TLS, API keys, Prometheus metrics and the `complete` command."""
+"""Health, reflection, TLS, API keys, Prometheus metrics, the `complete` command, and `serve` configured from
+the environment with its --json start-up line and JSON log."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -137,3 +145,42 @@ def test_help(command, capsys):
         main([command, "--help"])
     assert done.value.code == 0
     assert "example" in capsys.readouterr().out
+
+
+def test_serve_from_environment_variables_with_json_startup_line_and_json_logs():
+    """A real `sc2deploy serve` configured by SC2DEPLOY_* variables: its --json line on stdout, its JSON log on
+    stderr with the client's request id, and the limits it serves with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SC2DEPLOY_")}
+    env.update(PYTHONUNBUFFERED="1", SC2DEPLOY_SIZE="tiny", SC2DEPLOY_MAX_BATCH="3", SC2DEPLOY_MAX_QUEUE="5",
+               SC2DEPLOY_JSON="1", SC2DEPLOY_LOG_FORMAT="json", SC2DEPLOY_CONTEXT="512", SC2DEPLOY_PORT="1")
+    process = subprocess.Popen([sys.executable, "-m", "sc2deploy", "serve", "--host", "127.0.0.1", "--port", "0"],
+                               cwd=Path(__file__).resolve().parents[2], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr: list[str] = []
+    reader = threading.Thread(target=lambda: stderr.extend(process.stderr), daemon=True)
+    reader.start()
+    try:
+        line = process.stdout.readline()
+        assert line, "no JSON line on stdout; stderr:\n" + "".join(stderr)
+        started = json.loads(line)
+        assert {k: started[k] for k in ("host", "tls", "metrics_port", "backend", "dtype", "max_batch", "max_queue",
+                                        "context")} == {"host": "127.0.0.1", "tls": False, "metrics_port": None,
+                                                        "backend": "eager", "dtype": "fp32", "max_batch": 3,
+                                                        "max_queue": 5, "context": 512}
+        with Client(f"127.0.0.1:{started['port']}") as client:  # --port 0 on the command line beat SC2DEPLOY_PORT
+            info = client.info()
+            assert (info.max_batch, info.max_queue, info.context_length) == (3, 5, 512)
+            _, call = client.stub.Complete.with_call(make_request("def f():", max_tokens=2), timeout=30,
+                                                     metadata=[("x-request-id", "abc")])
+            assert dict(call.trailing_metadata())["x-request-id"] == "abc"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        reader.join(10)
+    finally:
+        process.kill()
+    entries = [json.loads(line) for line in stderr]  # every stderr line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    (access,) = [e for e in entries if e.get("request_id") == "abc"]
+    assert (access["method"], access["code"], access["completion_tokens"]) == ("Complete", "OK", 2)
+    assert any("listening on 127.0.0.1:" in e["message"] for e in entries)  # the human line, now a JSON one
+    assert process.stdout.read() == ""  # one line on stdout, nothing else

@@ -1,5 +1,7 @@
 """Check the Triton sliding-window GQA kernels on a GPU at real shapes: error and speed.
 
+    PYTHONPATH=. python3 bench/gpu_check.py > report.json
+
 `kernel_check(device="cuda")` returns a JSON-serialisable dict:
   * prefill cases (batch 1, first prompt of S tokens, ring cache of C = W slots), per dtype:
     max abs error of the output against the contract's reference (`sliding_window_gqa_reference`,
@@ -15,20 +17,26 @@
     (`triton_decode`), error and time against SDPA, both timed as CUDA graph replays.
 The helpers (`make_inputs`, `window_mask`, `sdpa_windowed`, `chunked_reference`) work on any
 device; with TRITON_INTERPRET=1 and tiny shapes, `kernel_check(device="cpu", ...)` runs on CPU.
-Imports triton (through triton_kernel) only when called.
+Imports triton (through sc2deploy.plugins) only when called.
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from sc2deploy.attention import rope_cache, sliding_window_gqa_reference
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from sc2deploy.attention import rope_cache, sliding_window_gqa_reference  # noqa: E402
 
 __all__ = ["chunked_reference", "kernel_check", "make_inputs", "rotate", "sdpa_windowed", "window_mask"]
 
@@ -175,9 +183,11 @@ def _max_err(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
 
 
-def _prefill_case(tk: Any, device: torch.device, dtype: torch.dtype, seq_len: int, num_heads: int, kv_heads: int,
+def _prefill_case(device: torch.device, dtype: torch.dtype, seq_len: int, num_heads: int, kv_heads: int,
                   head_dim: int, window: int, chunk: int, warmup: int, iters: int,
                   config: Any) -> dict[str, Any]:
+    from sc2deploy.plugins.triton_attention import launch
+
     capacity = window if window > 0 else seq_len
     inputs = make_inputs(batch=1, seq_len=seq_len, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
                          capacity=capacity, window=window, dtype=dtype, device=device)
@@ -187,7 +197,7 @@ def _prefill_case(tk: Any, device: torch.device, dtype: torch.dtype, seq_len: in
     case: dict[str, Any] = dict(kind="prefill", dtype=str(dtype).removeprefix("torch."), seq_len=seq_len,
                                 capacity=capacity)
     for fused, tag in ((False, "two_kernel_"), (True, "")):  # `out` stays the fused one
-        out, pk, pv, _ = tk.launch(**inputs, fused=fused, config=config)
+        out, pk, pv, _ = launch(**inputs, fused=fused, config=config)
         case[f"{tag}max_abs_err"] = _max_err(out, ref)
         case[f"{tag}cache_max_abs_err"] = max(_max_err(pk[:, :, slots], ref_k[:, :, kept]),
                                              _max_err(pv[:, :, slots], ref_v[:, :, kept]))
@@ -209,33 +219,37 @@ def _prefill_case(tk: Any, device: torch.device, dtype: torch.dtype, seq_len: in
     case["sdpa_vs_triton_max_abs_err"] = _max_err(sdpa_out.transpose(1, 2).reshape(b, seq_len, -1), out)
     del sdpa_out
 
-    case["triton_ms"] = _time_ms(lambda: tk.launch(**inputs, config=config), device, warmup, iters)
-    case["triton_two_kernel_ms"] = _time_ms(lambda: tk.launch(**inputs, fused=False, config=config), device,
+    case["triton_ms"] = _time_ms(lambda: launch(**inputs, config=config), device, warmup, iters)
+    case["triton_two_kernel_ms"] = _time_ms(lambda: launch(**inputs, fused=False, config=config), device,
                                             warmup, iters)
-    case["triton_attention_ms"] = _time_attention_only(tk, inputs, config, device, warmup, iters)
+    case["triton_attention_ms"] = _time_attention_only(inputs, config, device, warmup, iters)
     case["sdpa_ms"] = _time_ms(lambda: sdpa_windowed(q, k_full, v_full, mask, inputs["scale"]), device, warmup, iters)
     case["sdpa_over_triton"] = case["sdpa_ms"] / case["triton_ms"] if case["triton_ms"] > 0 else None
     case["two_kernel_over_sdpa"] = case["triton_two_kernel_ms"] / case["sdpa_ms"] if case["sdpa_ms"] > 0 else None
     return case
 
 
-def _time_attention_only(tk: Any, inputs: dict[str, Any], config: Any, device: torch.device, warmup: int,
+def _time_attention_only(inputs: dict[str, Any], config: Any, device: torch.device, warmup: int,
                          iters: int) -> float:
     """Time of the unfused attention kernel alone (its q_rot/k_rot inputs: any values of the right shape)."""
+    from sc2deploy.plugins import triton_kernel
+    from sc2deploy.plugins.tiling import default_config
+    from sc2deploy.plugins.triton_launch import attention_launch_params
+
     query, key = inputs["query"], inputs["key"]
     batch, seq_len, width = query.shape
     head_dim = width // inputs["num_heads"]
     capacity = inputs["past_key"].shape[2]
     if config is None:
-        config = tk.default_config(seq_len, inputs["num_heads"], inputs["kv_num_heads"], head_dim, query.dtype,
-                                   fused=False)
-    params = tk.attention_launch_params(batch, seq_len, capacity, inputs["num_heads"], inputs["kv_num_heads"],
-                                        head_dim, inputs["local_window_size"], inputs["scale"], config, query.dtype,
-                                        fused=False)
+        config = default_config(seq_len, inputs["num_heads"], inputs["kv_num_heads"], head_dim, query.dtype,
+                                fused=False)
+    params = attention_launch_params(batch, seq_len, capacity, inputs["num_heads"], inputs["kv_num_heads"],
+                                     head_dim, inputs["local_window_size"], inputs["scale"], config, query.dtype,
+                                     fused=False)
     out = torch.empty_like(query)
 
     def run() -> None:
-        tk.sliding_window_gqa_kernel[params["grid"]](
+        triton_kernel.sliding_window_gqa_kernel[params["grid"]](
             query, key, inputs["value"], inputs["past_key"], inputs["past_value"], inputs["seqlens_k"],
             inputs["total_sequence_length"], None, None, seq_len, capacity, out, None, None, None,
             num_warps=params["num_warps"], num_stages=params["num_stages"], **params["constexprs"])
@@ -243,8 +257,10 @@ def _time_attention_only(tk: Any, inputs: dict[str, Any], config: Any, device: t
     return _time_ms(run, device, warmup, iters)
 
 
-def _decode_case(tk: Any, device: torch.device, dtype: torch.dtype, batch: int, past_len: int, num_heads: int,
+def _decode_case(device: torch.device, dtype: torch.dtype, batch: int, past_len: int, num_heads: int,
                  kv_heads: int, head_dim: int, window: int, warmup: int, iters: int, config: Any) -> dict[str, Any]:
+    from sc2deploy.plugins.triton_attention import launch
+
     capacity = window if window > 0 else past_len + 1
     inputs = make_inputs(batch=batch, seq_len=1, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim,
                          capacity=capacity, window=window, dtype=dtype, device=device, past=[past_len] * batch,
@@ -253,7 +269,7 @@ def _decode_case(tk: Any, device: torch.device, dtype: torch.dtype, batch: int, 
     case: dict[str, Any] = dict(kind="decode", dtype=str(dtype).removeprefix("torch."), batch=batch,
                                 past_len=past_len, capacity=capacity)
     for fused, tag in ((False, "two_kernel_"), (True, "")):
-        out, pk, pv, _ = tk.launch(**inputs, fused=fused, config=config)
+        out, pk, pv, _ = launch(**inputs, fused=fused, config=config)
         case[f"{tag}max_abs_err"] = _max_err(out, ref)
         case[f"{tag}cache_max_abs_err"] = max(_max_err(pk, ref_k), _max_err(pv, ref_v))
     # SDPA baseline: one query over the W cached keys it sees (no mask needed), kv heads expanded.
@@ -261,12 +277,12 @@ def _decode_case(tk: Any, device: torch.device, dtype: torch.dtype, batch: int, 
     q = inputs["query"].view(batch, 1, num_heads, head_dim).transpose(1, 2).contiguous()
     k = ref_k.repeat_interleave(groups, dim=1).contiguous()
     v = ref_v.repeat_interleave(groups, dim=1).contiguous()
-    case["triton_ms"] = _time_ms(lambda: tk.launch(**inputs, config=config), device, warmup, iters)
+    case["triton_ms"] = _time_ms(lambda: launch(**inputs, config=config), device, warmup, iters)
     # In place (present aliases past: no copy of the ring); rewrites the same slot each time.
-    case["triton_in_place_ms"] = _time_ms(lambda: tk.launch(**inputs, config=config, present_key=inputs["past_key"],
-                                                            present_value=inputs["past_value"]),
+    case["triton_in_place_ms"] = _time_ms(lambda: launch(**inputs, config=config, present_key=inputs["past_key"],
+                                                         present_value=inputs["past_value"]),
                                           device, warmup, iters)
-    case["triton_two_kernel_ms"] = _time_ms(lambda: tk.launch(**inputs, fused=False, config=config), device,
+    case["triton_two_kernel_ms"] = _time_ms(lambda: launch(**inputs, fused=False, config=config), device,
                                             warmup, iters)
     case["sdpa_ms"] = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=inputs["scale"]), device,
                                warmup, iters)
@@ -313,12 +329,14 @@ def kernel_check(device: str = "cuda", *, num_heads: int = 48, kv_heads: int = 4
     recorded under "errors" and the others still run. config: a KernelConfig for every case
     (None: `default_config`).
     """
-    from sc2deploy.plugins import triton_kernel as tk
+    import triton
+
+    from sc2deploy.plugins import triton_kernel
 
     dev = torch.device(device)
     result: dict[str, Any] = dict(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
-        torch=torch.__version__, triton=tk.triton.__version__, interpreted=tk.INTERPRET,
+        torch=torch.__version__, triton=triton.__version__, interpreted=triton_kernel.INTERPRET,
         shape=dict(num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, window=window),
         cases=[], errors=[],
     )
@@ -327,10 +345,10 @@ def kernel_check(device: str = "cuda", *, num_heads: int = 48, kv_heads: int = 4
         jobs: list[tuple[str, Callable[..., dict[str, Any]], tuple[Any, ...]]] = []
         for s in seq_lens:
             jobs.append((f"prefill {name} S={s}", _prefill_case,
-                         (tk, dev, dtype, s, num_heads, kv_heads, head_dim, window, chunk, warmup, iters, config)))
+                         (dev, dtype, s, num_heads, kv_heads, head_dim, window, chunk, warmup, iters, config)))
         for bsz in decode_batches:
             jobs.append((f"decode {name} B={bsz}", _decode_case,
-                         (tk, dev, dtype, bsz, decode_past, num_heads, kv_heads, head_dim, window, warmup, iters,
+                         (dev, dtype, bsz, decode_past, num_heads, kv_heads, head_dim, window, warmup, iters,
                           config)))
         for label, job, args in jobs:
             try:
@@ -343,10 +361,25 @@ def kernel_check(device: str = "cuda", *, num_heads: int = 48, kv_heads: int = 4
             finally:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+    return judged(result)
+
+
+# Error bounds of the kernels against the fp32-accumulating reference, by dtype (max |out - ref|).
+KERNEL_TOLERANCE = {"float16": 1e-2, "bfloat16": 6e-2}
+
+
+def judged(result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with "ok", "tolerance" and "failed_cases": every case within KERNEL_TOLERANCE, no errors."""
+    bad = [c for c in result.get("cases", [])
+           if c.get("max_abs_err") is None or c["max_abs_err"] > KERNEL_TOLERANCE.get(c.get("dtype", ""), 1e-2)
+           or (c.get("cache_max_abs_err") or 0.0) > KERNEL_TOLERANCE.get(c.get("dtype", ""), 1e-2)]
+    result["tolerance"] = KERNEL_TOLERANCE
+    result["ok"] = not result.get("errors") and not bad and bool(result.get("cases"))
+    result["failed_cases"] = [f"{c.get('kind')} {c.get('dtype')} S={c.get('seq_len')} B={c.get('batch')}" for c in bad]
     return result
 
 
-if __name__ == "__main__":  # python -m sc2deploy.plugins.gpu_check > report.json
+if __name__ == "__main__":
     import json
 
     print(json.dumps(kernel_check(), indent=2))
