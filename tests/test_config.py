@@ -8,18 +8,18 @@ import pytest
 from sc2deploy.config import PRESETS, Config, preset
 from sc2deploy.errors import UserError
 
-FACTS = {  # hidden, intermediate, layers, heads, kv heads, rope_theta
+RELEASED = {  # hidden, intermediate, layers, heads, kv heads, rope_theta
     "3b": (3072, 12288, 30, 24, 2, 999999.4420358813),
     "7b": (4608, 18432, 32, 36, 4, 1000000.0),
     "15b": (6144, 24576, 40, 48, 4, 100000.0),
 }
 
 
-@pytest.mark.parametrize("size", sorted(FACTS))
+@pytest.mark.parametrize("size", sorted(RELEASED))
 def test_release_presets_match_facts(size):
     c = preset(size)
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
-            c.num_key_value_heads, c.rope_theta) == FACTS[size]
+            c.num_key_value_heads, c.rope_theta) == RELEASED[size]
     assert (c.vocab_size, c.max_position_embeddings, c.sliding_window, c.norm_epsilon) == (49152, 16384, 4096, 1e-5)
     assert c.head_dim == 128 and c.use_bias and c.hidden_act == "gelu_pytorch_tanh"
     assert (c.bos_token_id, c.eos_token_id) == (0, 0)
