@@ -1,4 +1,4 @@
-"""sc2deploy parity: a runtime against the eager reference model (logic in sc2deploy/parity.py)."""
+"""sc2deploy parity: a runtime against the eager reference model (logic in sc2deploy/parity/)."""
 from __future__ import annotations
 
 import argparse
