@@ -85,7 +85,7 @@ ARTIFACT, ENGINE = "artifact", "engine"
 FORMATS = {ARTIFACT: ("sc2deploy-onnx-artifact", 1), ENGINE: ("sc2deploy-tensorrt-engine", 1)}
 WHAT = {ARTIFACT: "export artifact", ENGINE: "TensorRT engine folder"}
 REMEDY = {ARTIFACT: "run `sc2deploy export` again", ENGINE: "build one with `sc2deploy build ARTIFACT --out DIR`"}
-REQUIRED = {ARTIFACT: ("target",), ENGINE: ("tensorrt_version", "gpu", "plugin", "build", "engine")}
+REQUIRED = {ARTIFACT: ("target", "files"), ENGINE: ("tensorrt_version", "gpu", "plugin", "build", "engine")}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -158,7 +158,9 @@ class Manifest:
         missing = [k for k in (*REQUIRED[kind], "config", "dtype") if k not in data]
         if missing:
             raise UserError(f"{path} lacks {missing[0]!r}; {REMEDY[kind]}")
-        if not isinstance(data["config"], dict) or not isinstance(data.get("files", {}), dict):
+        files = data.get("files", {})
+        if (not isinstance(data["config"], dict) or not isinstance(files, dict)
+                or not all(isinstance(entry, dict) for entry in files.values())):
             raise UserError(f"{path} has no valid \"config\" object or \"files\" table; {REMEDY[kind]}")
         return cls(kind, data["config"], str(data["dtype"]), data.get("files", {}), rest, version)
 

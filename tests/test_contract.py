@@ -51,8 +51,13 @@ def test_the_wrong_kind_says_what_the_folder_is(tmp_path):
         read_manifest(tmp_path, ENGINE)
 
 
-@pytest.mark.parametrize("content, message", [("{", "not valid JSON"), ("[]", "not an sc2deploy manifest"),
-                                              ('{"format": "other"}', "not an sc2deploy manifest")])
+@pytest.mark.parametrize("content, message", [
+    ("{", "not valid JSON"), ("[]", "not an sc2deploy manifest"), ('{"format": "other"}', "not an sc2deploy manifest"),
+    ('{"format": "sc2deploy-onnx-artifact", "format_version": 1, "target": "ort", "config": {}, "dtype": "fp32"}',
+     "lacks 'files'"),
+    ('{"format": "sc2deploy-onnx-artifact", "format_version": 1, "target": "ort", "config": {}, "dtype": "fp32", '
+     '"files": {"model.onnx": 5}}', "no valid"),
+])
 def test_damaged_manifests(tmp_path, content, message):
     (tmp_path / MANIFEST).write_text(content)
     with pytest.raises(UserError, match=message):
