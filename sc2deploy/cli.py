@@ -14,7 +14,9 @@ from sc2deploy.errors import UserError
 COMMANDS = ["info", "checkpoint", "generate", "export", "parity", "serve", "complete", "build", "selftest"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of `command` alone: each command module imports what it needs (torch,
+    gRPC, ...) at import, so `sc2deploy generate` does not pay for the others."""
     parser = argparse.ArgumentParser(
         prog="sc2deploy",
         description="Deploy StarCoder2 (3b, 7b, 15b): reference model, ONNX export, TensorRT engines, "
@@ -23,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sc2deploy {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
-    for name in COMMANDS:
+    for name in [command] if command in COMMANDS else COMMANDS:
         try:
             module = importlib.import_module(f"sc2deploy.commands.{name}")
         except ModuleNotFoundError as e:
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     try:
         args = parser.parse_args(argv)
     except BadVariable as e:  # a SC2DEPLOY_* variable of a command that reads them (commands/environment.py)

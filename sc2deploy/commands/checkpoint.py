@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sc2deploy.checkpoint import RandomSource, write_checkpoint
 from sc2deploy.commands.common import (add_dtype, add_renamed_seed, add_size, add_weights_seed, check_renamed_seed,
                                        print_json)
 from sc2deploy.commands.progress import progress_bar
@@ -36,6 +35,8 @@ def run(args) -> int:
     config = preset(args.size)
     if args.dtype not in ("fp32", "fp16", "bf16"):
         raise UserError(f"unknown dtype {args.dtype!r}; choose one of fp32, fp16, bf16")
+    from sc2deploy.checkpoint import RandomSource, write_checkpoint
+
     source = RandomSource(config, args.weights_seed)
     with progress_bar(config.weight_bytes(args.dtype), f"writing {args.size}") as bar:
         out = write_checkpoint(source, Path(args.out), args.dtype, packaged_tokenizer_path(), progress=bar.update,

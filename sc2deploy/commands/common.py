@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sc2deploy.config import PRESETS
+from sc2deploy.config import PRESETS, Config
 from sc2deploy.contract import DTYPE_BYTES, MANIFEST, folder_kind, read_manifest
 from sc2deploy.errors import UserError
 
@@ -68,12 +68,19 @@ def refuse_export_as_checkpoint(folder: str | Path, fix: str | None = None) -> N
                         + (fix or f"use --engine {folder}"))
 
 
+def check_checkpoint(checkpoint: str, artifact_fix: str | None = None) -> None:
+    """Refuse an export folder given as --checkpoint, and a bad config.json, before anything imports torch."""
+    refuse_export_as_checkpoint(checkpoint, artifact_fix)
+    if (Path(checkpoint) / "config.json").is_file():
+        Config.load(checkpoint)
+
+
 def open_weights(checkpoint: str | None, size: str | None, seed: int, artifact_fix: str | None = None):
     """The TensorSource of --checkpoint or --size/--weights-seed (generate, export, serve)."""
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, artifact_fix)
     from sc2deploy.checkpoint import open_source
 
-    if checkpoint is not None:
-        refuse_export_as_checkpoint(checkpoint, artifact_fix)
     return open_source(checkpoint, size, seed, notice)
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sc2deploy.commands.common import (add_device, add_run_dtype, add_weights, check_dtype, infer_backend, notice,
-                                       open_weights, positive_int, print_json, resolve_device, runtime_folder)
+from sc2deploy.commands.common import (add_device, add_run_dtype, add_weights, check_checkpoint, check_dtype,
+                                       infer_backend, notice, open_weights, positive_int, print_json, resolve_device,
+                                       runtime_folder)
 from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
-from sc2deploy.generation import check_fits, generate
 from sc2deploy.runtime import BACKENDS, open_runtime
-from sc2deploy.sampling import SamplingParams
 from sc2deploy.tokenizer import Tokenizer, validate_text
 
 
@@ -72,6 +71,11 @@ def prompt_ids(args, tokenizer: Tokenizer) -> list[int]:
 
 
 def run(args) -> int:
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)  # first: what follows imports torch
+    from sc2deploy.generation import check_fits, generate
+    from sc2deploy.sampling import SamplingParams
+
     backend = infer_backend(args)
     device = resolve_device(args.device, backend)
     if backend == "trt":

@@ -1,8 +1,12 @@
 """Runtimes behind one interface (base.Runtime); each backend's module is imported only when used."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sc2deploy.errors import UserError
-from sc2deploy.runtime.base import Runtime
+
+if TYPE_CHECKING:  # the backends import torch when opened; listing them must not
+    from sc2deploy.runtime.base import Runtime
 
 BACKENDS = ("eager", "cuda", "ort", "trt")
 
