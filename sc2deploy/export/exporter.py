@@ -23,23 +23,21 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
     import onnx
 
     from sc2deploy.export.genai import write_genai_files
-    from sc2deploy.export.graph import IR_VERSION, OPSET, traced_proto
-    from sc2deploy.export.rewrite import finish_graph
+    from sc2deploy.export.graph import IR_VERSION, OPSET, trace_model
     from sc2deploy.export.manifest import write_manifest
-    from sc2deploy.export.weights import weights_bytes, write_weights
+    from sc2deploy.export.rewrite import finish_graph
+    from sc2deploy.export.weights import save_model, weights_bytes
 
     config = source.config  # validated when the source was made, as every runtime validates the manifest's copy
     check_target(target, dtype, config)
     tokenizer_json = _tokenizer_json(source)
     out = Path(out)
     check_destination(out, force)  # fail before the slow part
-    graph = finish_graph(*traced_proto(config, dtype, target), config, target)
+    graph = finish_graph(trace_model(config, dtype, target), config, target)
     if on_total:
         on_total(weights_bytes(graph))
     with staging_folder(out, force) as tmp:
-        written = write_weights(graph, source, tmp, progress)
-        graph.model.graph.initializer.extend(written.tensors)
-        onnx.save_model(graph.model, str(tmp / MODEL_FILE))
+        data_sha256 = save_model(graph, source, tmp / MODEL_FILE, progress)
         if check:
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         if target == "ort":
@@ -53,10 +51,10 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
                 "file": MODEL_FILE, "external_data": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
                 "attention": attention_description(target, config.windowed),
                 "sliding_window_cache": config.windowed and target == "ort",
-                "inputs": [v.name for v in g.input], "outputs": [v.name for v in g.output],
+                "inputs": [v.name for v in g.inputs], "outputs": [v.name for v in g.outputs],
             },
         }
-        write_manifest(tmp, config.to_hf_dict(), dtype, details, known_sha256={DATA_FILE: written.data_sha256})
+        write_manifest(tmp, config.to_hf_dict(), dtype, details, known_sha256={DATA_FILE: data_sha256})
     return out
 
 

@@ -1,9 +1,10 @@
 """The export graph: the reference model traced on the meta device by torch.onnx's dynamo exporter.
 
 Tracing on "meta" allocates no weights, so any size traces in seconds and a few hundred MB.
-The exporter's graph is then tidied into the artifact's graph (rewrite.py), and each of its
-initializers becomes an `InitializerSpec`: where its bytes come from (a checkpoint tensor or
-the RoPE tables), in which dtype and layout. weights.py streams them into external data.
+The exporter's onnx_ir model is then tidied into the artifact's graph (rewrite.py), and each
+of its initializers becomes an `InitializerSpec`: where its bytes come from (a checkpoint
+tensor or the RoPE tables), in which dtype and layout. weights.py streams them into external
+data as onnx_ir saves the model.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sc2deploy.contract import DTYPE_BYTES
 from sc2deploy.export.nodes import attention_translation
 
 if TYPE_CHECKING:
-    import onnx
+    import onnx_ir as ir
 
 OPSET = 20  # Gelu(approximate="tanh") needs opset 20
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime-gpu 1.31 loads at most 13 (docs/onnxruntime-gqa.md)
@@ -47,11 +48,11 @@ class InitializerSpec:
 
 @dataclass
 class ExportGraph:
-    model: onnx.ModelProto  # no initializers yet: weights.py makes them
+    model: ir.Model  # its weight initializers are placeholders until weights.py attaches them
     initializers: list[InitializerSpec]
 
 
-def trace_model(config: Config, dtype: str, target: str):
+def trace_model(config: Config, dtype: str, target: str) -> ir.Model:
     """The reference model traced by torch.onnx.export(dynamo=True): an onnx_ir Model with meta initializers."""
     import torch
 
@@ -85,29 +86,6 @@ def trace_model(config: Config, dtype: str, target: str):
             custom_translation_table=attention_translation(config, dtype, target))
     assert program is not None
     return program.model
-
-
-def traced_proto(config: Config, dtype: str, target: str) -> tuple[onnx.ModelProto, dict[str, tuple[str, tuple[int, ...]]]]:
-    """The traced graph as a ModelProto without initializers, and {initializer: (dtype, shape)}; rewrite.finish_graph
-    tidies it into the artifact's graph."""
-    import onnx_ir as ir
-
-    traced = trace_model(config, dtype, target)
-    graph = traced.graph
-    traced_initializers = {}
-    for name in list(graph.initializers):
-        value = graph.initializers.pop(name)
-        traced_initializers[name] = (_dtype_name(value.dtype), tuple(int(d) for d in value.shape))
-    return ir.to_proto(traced), traced_initializers
-
-
-def _dtype_name(dtype) -> str:
-    import onnx_ir as ir
-
-    names = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
-    if dtype not in names:
-        raise AssertionError(f"unexpected initializer dtype {dtype} in the traced graph")
-    return names[dtype]
 
 
 @contextlib.contextmanager
