@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,9 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 TORCH_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ONNX_DTYPES = {"fp32": 1, "fp16": 10, "bf16": 16}  # onnx.TensorProto.FLOAT / FLOAT16 / BFLOAT16
 DTYPE_OF_ONNX = {v: k for k, v in ONNX_DTYPES.items()}
+# What an artifact's initializers may be stored as: the model dtypes, and uint8 for quantized weights.
+STORED_BYTES = {**DTYPE_BYTES, "uint8": 1}
+STORED_ONNX_DTYPES = {**ONNX_DTYPES, "uint8": 2}  # onnx.TensorProto.UINT8
 
 # ---------------------------------------------------------------- the graph's inputs and outputs
 # The names onnxruntime-genai and optimum use.
@@ -55,6 +59,10 @@ GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "t
               "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
               "q_norm_weight", "k_norm_weight", "query_seqlens")
 ATTENTION_OUTPUTS = ("output", "present_key", "present_value")
+# Quantized artifacts (export --quant): weights as ONNX Runtime's block-quantized contrib ops, inputs in their order.
+QUANT_DOMAIN = GQA_DOMAIN
+MATMUL_NBITS_INPUTS = ("A", "B", "scales", "zero_points")
+GATHER_QUANTIZED_INPUTS = ("data", "indices", "scales", "zero_points")
 # trt: two TensorRT plugins per layer, found by the ONNX parser from op_type and the plugin_namespace attribute.
 PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_NAMESPACE, PLUGIN_VERSION = "sc2deploy", "1"
@@ -214,8 +222,14 @@ def read_manifest(folder: str | Path, kind: str | None) -> Manifest:
     return Manifest.from_json(data, path)
 
 
-def verify_files(folder: str | Path, manifest: Manifest, hashes: bool = True) -> None:
-    """Every file the manifest lists is present and whole, and (with `hashes`) unchanged."""
+def file_has_sha256(path: Path, sha256: str) -> bool:
+    return sha256_file(path) == sha256
+
+
+def verify_files(folder: str | Path, manifest: Manifest, hashes: bool = True,
+                 has_sha256: Callable[[Path, str], bool] = file_has_sha256) -> None:
+    """Every file the manifest lists is present and whole, and (with `hashes`) unchanged: `has_sha256` of it and
+    its manifest sha256 (a runtime passes a cache's, which can vouch for a file without reading it)."""
     folder = Path(folder)
     redo = "copy the folder again or " + REMEDY[manifest.kind]
     for name, entry in manifest.files.items():
@@ -228,7 +242,7 @@ def verify_files(folder: str | Path, manifest: Manifest, hashes: bool = True) ->
             raise UserError(f"{path} is {what}: {size} bytes, {MANIFEST} says {entry.get('bytes')}; {redo}")
     if hashes:
         for name, entry in manifest.files.items():
-            if sha256_file(folder / name) != entry.get("sha256"):
+            if not has_sha256(folder / name, entry.get("sha256", "")):
                 raise UserError(f"{folder / name} does not match the sha256 in {MANIFEST}: the file was changed or "
                                 f"corrupted after it was written; {redo}")
 
@@ -256,14 +270,18 @@ def check_external_data(model_path: Path) -> None:
                             "was interrupted: copy the artifact again or re-export it")
 
 
-def open_artifact_manifest(folder: str | Path, target: str, hashes: bool = True) -> Manifest:
+def open_artifact_manifest(folder: str | Path, target: str, hashes: bool = True,
+                           has_sha256: Callable[[Path, str], bool] = file_has_sha256) -> Manifest:
     """The manifest of an export artifact for `target`, after verify_files."""
     manifest = read_manifest(folder, ARTIFACT)
-    verify_files(folder, manifest, hashes)
+    verify_files(folder, manifest, hashes, has_sha256)
     if manifest.target != target:
         how = ("`sc2deploy export ... --target trt` (the plugin graph), then `sc2deploy build`" if target == "trt"
                else "`sc2deploy export ... --target ort`")
-        raise UserError(f"{folder} was exported for --target {manifest.target}, not {target}; export it with {how}")
+        scheme = (manifest.graph.get("quantization") or {}).get("bits")
+        what = f"is an int{scheme}-quantized ONNX Runtime artifact" if scheme else \
+            f"was exported for --target {manifest.target}, not {target}"
+        raise UserError(f"{folder} {what}; export it with {how}")
     return manifest
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from sc2deploy.commands.common import (add_renamed_seed, add_size, add_weights_s
                                        open_weights, print_json)
 from sc2deploy.commands.progress import StageLog, progress_bar
 from sc2deploy.errors import UserError
+from sc2deploy.quantization import SCHEMES, QuantScheme
 
 DESCRIPTION = """\
 Export StarCoder2 to ONNX. The graph is traced from sc2deploy's reference model (on PyTorch's
@@ -36,12 +38,21 @@ past_key_values.N.key/.value [batch, kv_heads, past_sequence, head_dim]; logits_
 int64 [1] (optional, default 0 = logits of every position). Outputs: logits [batch, sequence,
 vocab]; present.N.key/.value.
 
+Quantization (--quant, ort only): int8 or int4 weights in blocks of --block-size along each
+weight's input dimension, each block with its own scale and zero point. Every linear layer
+(q/k/v/o, c_fc, c_proj, lm_head) becomes com.microsoft::MatMulNBits and the token embedding
+com.microsoft::GatherBlockQuantized; biases and layer norms keep the dtype. The weights are
+quantized while they stream, so quantizing costs no more memory than exporting. --accuracy-level
+is MatMulNBits' (4: activations quantized to int8 per block, the fastest on CPU; 0: they stay in
+the dtype, the closest to the model). Runtimes (generate, serve, parity) need no new flag.
+
 Without --checkpoint, the weights are seeded random ones for --size (a notice says so)."""
 
 EPILOG = """\
 examples:
   sc2deploy export --size 15b --dtype fp16 --out sc2-15b-ort-fp16
   sc2deploy export --checkpoint ./starcoder2-3b --target trt --dtype bf16
+  sc2deploy export --checkpoint ./starcoder2-15b --quant int4 --out sc2-15b-int4
   sc2deploy generate --backend ort --artifact sc2-15b-ort-fp16 --prompt 'def fib(n):'
 
 exit status: 0 done, 2 bad input (message on stderr; nothing is left behind)."""
@@ -63,6 +74,18 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="fp32", metavar="DTYPE",
                    help="weight and activation dtype: fp32 or fp16 (ort), fp32, fp16 or bf16 (trt); default fp32")
     p.add_argument("--target", default="ort", metavar="TARGET", help="ort (default) or trt")
+    quant = p.add_argument_group("quantization (ort)")
+    quant.add_argument("--quant", default="none", metavar="SCHEME",
+                       help="none (default), int8 or int4: block-quantized weights (MatMulNBits)")
+    quant.add_argument("--block-size", type=int, metavar="N",
+                       help=f"weights per scale along the input dimension: 16, 32, 64, 128 or 256 (default "
+                            f"{SCHEMES['int4'].block_size})")
+    quant.add_argument("--accuracy-level", type=int, metavar="N",
+                       help=f"MatMulNBits' accuracy_level: 0 (activations in the dtype), 1 fp32, 2 fp16, 3 bf16, 4 "
+                            f"(int8 activations; default {SCHEMES['int4'].accuracy_level})")
+    quant.add_argument("--symmetric", action="store_true",
+                       help="no zero points (each block symmetric around 0); default asymmetric, which is closer "
+                            "to the model")
     p.add_argument("--out", metavar="DIR", help="artifact folder to create (default: ./starcoder2-NAME-TARGET-DTYPE)")
     p.add_argument("--force", action="store_true", help="replace DIR if it holds an earlier export")
     p.add_argument("--no-check", dest="check", action="store_false",
@@ -73,7 +96,25 @@ def register(subparsers) -> None:
 
 def default_out(args) -> Path:
     name = args.size if args.size else Path(args.checkpoint).resolve().name
-    return Path(f"starcoder2-{name}-{args.target}-{args.dtype}")
+    quant = f"-{args.quant}" if args.quant != "none" else ""
+    return Path(f"starcoder2-{name}-{args.target}-{args.dtype}{quant}")
+
+
+def quant_scheme(args) -> QuantScheme | None:
+    """The --quant scheme with --block-size / --accuracy-level / --symmetric applied; None without --quant."""
+    if args.quant not in ("none", *SCHEMES):
+        raise UserError(f"unknown --quant {args.quant!r}; choose none, {', '.join(SCHEMES)}")
+    options = {"block_size": args.block_size, "accuracy_level": args.accuracy_level,
+               "symmetric": args.symmetric or None}
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if args.quant == "none":
+        if given:
+            raise UserError(f"{', '.join(given)}: give --quant int8 or int4 too (they set its scheme)")
+        return None
+    try:
+        return dataclasses.replace(SCHEMES[args.quant], **{k: v for k, v in options.items() if v is not None})
+    except ValueError as e:
+        raise UserError(f"--quant {args.quant}: {e}") from None
 
 
 def run(args) -> int:
@@ -81,6 +122,7 @@ def run(args) -> int:
     from sc2deploy.export.targets import check_target_dtype
 
     check_target_dtype(args.target, args.dtype)
+    quant = quant_scheme(args)
     if args.size is None and args.checkpoint is None:
         raise UserError("give --size SIZE (random weights) or --checkpoint DIR")
     check_renamed_seed(args)
@@ -109,7 +151,7 @@ def run(args) -> int:
                 weights = 0
                 stage("export: checking the graph and hashing the files ...", show=False)
 
-        export_artifact(source, out, args.dtype, args.target, force=args.force, progress=progress,
+        export_artifact(source, out, args.dtype, args.target, quant=quant, force=args.force, progress=progress,
                         on_total=on_total, check=args.check)
     seconds = time.perf_counter() - start
     from sc2deploy.contract import ARTIFACT, read_manifest
@@ -117,8 +159,10 @@ def run(args) -> int:
     manifest = read_manifest(out, ARTIFACT)
     total = sum(f["bytes"] for f in manifest.files.values())
     if args.json:
-        print_json({"artifact": str(out), "target": args.target, "dtype": args.dtype, "source": manifest.source,
+        print_json({"artifact": str(out), "target": args.target, "dtype": args.dtype,
+                    "quantization": quant.to_manifest() if quant else None, "source": manifest.source,
                     "bytes": total, "seconds": round(seconds, 3), "files": manifest.files})
     else:
-        print(f"wrote {out} ({total / 1e9:.2f} GB, {args.dtype}, target {args.target}) in {seconds:.1f} s")
+        scheme = f", {quant.name} blocks of {quant.block_size}" if quant else ""
+        print(f"wrote {out} ({total / 1e9:.2f} GB, {args.dtype}{scheme}, target {args.target}) in {seconds:.1f} s")
     return 0

@@ -9,14 +9,17 @@ from sc2deploy.checkpoint import CheckpointSource, RandomSource, TensorSource
 from sc2deploy.config import PRESETS
 from sc2deploy.contract import DATA_FILE, MODEL_FILE, TOKENIZER_FILE, attention_description
 from sc2deploy.export.targets import check_target
+from sc2deploy.quantization import QuantScheme
 from sc2deploy.staging import check_destination, staging_folder
 
 
 def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", target: str = "ort", *,
-                    force: bool = False, progress: Callable[[int], None] | None = None,
+                    quant: QuantScheme | None = None, force: bool = False,
+                    progress: Callable[[int], None] | None = None,
                     on_total: Callable[[int], None] | None = None, check: bool = True) -> Path:
     """Export the reference model with `source`'s weights to the folder `out`; returns `out`.
 
+    `quant`: block-quantize every linear layer and the embedding (ort only; sc2deploy.quantization).
     `on_total(n)` is called once the number of weight bytes `progress` will report is known.
     `check` runs onnx.checker (full_check) on the written model before the folder is renamed into place.
     """
@@ -29,11 +32,11 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
     from sc2deploy.export.weights import save_model, weights_bytes
 
     config = source.config  # validated when the source was made, as every runtime validates the manifest's copy
-    check_target(target, dtype, config)
+    check_target(target, dtype, config, quant)
     tokenizer_json = _tokenizer_json(source)
     out = Path(out)
     check_destination(out, force)  # fail before the slow part
-    graph = finish_graph(trace_model(config, dtype, target), config, target)
+    graph = finish_graph(trace_model(config, dtype, target), config, target, dtype, quant)
     if on_total:
         on_total(weights_bytes(graph))
     with staging_folder(out, force) as tmp:
@@ -51,6 +54,7 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
                 "file": MODEL_FILE, "external_data": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
                 "attention": attention_description(target, config.windowed),
                 "sliding_window_cache": config.windowed and target == "ort",
+                "quantization": quant.to_manifest() if quant else None,
                 "inputs": [v.name for v in g.inputs], "outputs": [v.name for v in g.outputs],
             },
         }

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sc2deploy.config import Config, torch_dtype
-from sc2deploy.contract import DTYPE_BYTES
+from sc2deploy.contract import STORED_BYTES
 from sc2deploy.export.nodes import attention_translation
 
 if TYPE_CHECKING:
     import onnx_ir as ir
+
+    from sc2deploy.quantization import QuantScheme
 
 OPSET = 20  # Gelu(approximate="tanh") needs opset 20
 IR_VERSION = 10  # onnx 1.23 writes 14 by default; onnxruntime-gpu 1.31 loads at most 13 (docs/onnxruntime-gqa.md)
@@ -34,16 +36,26 @@ class InitializerSpec:
 
     name: str  # in the graph
     origin: str  # a TensorSource tensor name, or "cos_cache" / "sin_cache"
-    dtype: str  # fp32 / fp16 / bf16, as stored
+    dtype: str  # fp32 / fp16 / bf16 / uint8, as stored
     shape: tuple[int, ...]  # as stored
     transpose: bool = False  # stored as origin.T (MatMul weights: [in, out])
+    quantized: QuantizedPart | None = None  # one input of a quantized node, made from origin
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES[self.dtype]
+        n = STORED_BYTES[self.dtype]
         for d in self.shape:
             n *= d
         return n
+
+
+@dataclass(frozen=True)
+class QuantizedPart:
+    """Which input of a MatMulNBits or GatherBlockQuantized node (export/quantize.py's layouts) a spec is."""
+
+    scheme: QuantScheme
+    part: str  # "packed" (B, or GatherBlockQuantized's data), "scales" or "zero_points"
+    model_dtype: str  # the origin is read in it, and the scales are stored in it
 
 
 @dataclass

@@ -10,22 +10,27 @@
 3. ort only: an input `logits_to_keep` (int64 [1], default 0 = every position) slicing the
    hidden states before the head, so a runtime can ask for the last position's logits only.
 4. IR version 10, opset 20, producer sc2deploy.
+5. With a quantization scheme: block-quantized weights (quantized_graph.py).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from sc2deploy.config import Config
-from sc2deploy.contract import DTYPE_OF_ONNX, LOGITS_TO_KEEP, ONNX_DTYPES, attention_domain, graph_io
+from sc2deploy.contract import (DTYPE_OF_ONNX, LOGITS_TO_KEEP, QUANT_DOMAIN, STORED_ONNX_DTYPES, attention_domain,
+                                graph_io)
 from sc2deploy.export.graph import IR_VERSION, OPSET, ExportGraph, InitializerSpec
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
+    from sc2deploy.quantization import QuantScheme
+
 ROPE_TABLES = ("cos_cache", "sin_cache")
 
 
-def finish_graph(model: ir.Model, config: Config, target: str) -> ExportGraph:
+def finish_graph(model: ir.Model, config: Config, target: str, dtype: str,
+                 quant: QuantScheme | None = None) -> ExportGraph:
     """Turn the traced model into the artifact's graph, in place; its initializers become placeholders."""
     graph = model.graph
     _rename_io(graph, config)
@@ -37,7 +42,11 @@ def finish_graph(model: ir.Model, config: Config, target: str) -> ExportGraph:
         raise AssertionError(f"the traced graph has initializers the checkpoint does not: {unknown}")
     if target == "ort":
         _add_logits_to_keep(graph)
-    _finish_metadata(model, target)
+    _finish_metadata(model, target, quant is not None)
+    if quant is not None:
+        from sc2deploy.export.quantized_graph import quantize_graph
+
+        specs = quantize_graph(graph, specs, quant, dtype)
     return ExportGraph(model, specs)
 
 
@@ -102,7 +111,7 @@ def _fold_initializers(graph: ir.Graph) -> list[InitializerSpec]:
             raise AssertionError(f"graph output {node.outputs[0].name} is a folded initializer")
         if folded.name not in specs:
             specs[folded.name] = folded
-            graph.register_initializer(_initializer(folded))
+            graph.register_initializer(initializer_value(folded))
         node.outputs[0].replace_all_uses_with(graph.initializers[folded.name])
         graph.remove(node, safe=True)
     for name, value in list(graph.initializers.items()):
@@ -131,11 +140,11 @@ def placeholder(spec: InitializerSpec) -> ir.LazyTensor:
     def unbound() -> ir.TensorProtocol:
         raise AssertionError(f"initializer {spec.name} was read before its weights were attached")
 
-    return ir.LazyTensor(unbound, dtype=ir.DataType(ONNX_DTYPES[spec.dtype]), shape=ir.Shape(spec.shape),
+    return ir.LazyTensor(unbound, dtype=ir.DataType(STORED_ONNX_DTYPES[spec.dtype]), shape=ir.Shape(spec.shape),
                          name=spec.name)
 
 
-def _initializer(spec: InitializerSpec) -> ir.Value:
+def initializer_value(spec: InitializerSpec) -> ir.Value:
     import onnx_ir as ir
 
     tensor = placeholder(spec)
@@ -179,7 +188,7 @@ def _add_logits_to_keep(graph: ir.Graph) -> None:
 
 
 # ---------------------------------------------------------------- 4. metadata
-def _finish_metadata(model: ir.Model, target: str) -> None:
+def _finish_metadata(model: ir.Model, target: str, quantized: bool) -> None:
     from sc2deploy import __version__
 
     model.ir_version = IR_VERSION
@@ -188,3 +197,5 @@ def _finish_metadata(model: ir.Model, target: str) -> None:
     model.graph.name = "starcoder2"
     model.graph.opset_imports.clear()
     model.graph.opset_imports.update({"": OPSET, attention_domain(target): 1})
+    if quantized:
+        model.graph.opset_imports[QUANT_DOMAIN] = 1

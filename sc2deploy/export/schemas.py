@@ -6,13 +6,16 @@ they list exactly the inputs, outputs and attributes the export uses:
 
 * `com.microsoft::GroupQueryAttention`, the subset of ONNX Runtime's contrib op we emit
   (inputs in ONNX Runtime's order, with the optional ones up to `query_seqlens`);
+* `com.microsoft::MatMulNBits` and `com.microsoft::GatherBlockQuantized`, the block-quantized
+  weights of `export --quant` (export/quantized_graph.py);
 * `trt.plugins::RopeCache` and `trt.plugins::SlidingWindowGQA`, the TensorRT plugin nodes:
   the inputs and outputs of `sc2deploy.plugins.trt_rules.ROPE` / `ATTENTION`, and the
   attributes the plugins need plus a few that document the model (head_size, rope_theta, ...).
 """
 from __future__ import annotations
 
-from sc2deploy.contract import ATTENTION_OUTPUTS, GQA_DOMAIN, GQA_INPUTS, GQA_OP, PLUGIN_DOMAIN
+from sc2deploy.contract import (ATTENTION_OUTPUTS, GATHER_QUANTIZED_INPUTS, GQA_DOMAIN, GQA_INPUTS, GQA_OP,
+                                MATMUL_NBITS_INPUTS, PLUGIN_DOMAIN, QUANT_DOMAIN)
 from sc2deploy.plugins.trt_rules import ATTENTION, FP32, INPUT_KINDS, INT32, ROPE
 
 PLUGIN_ATTRIBUTES = {  # op -> (int attributes, float attributes) on its node
@@ -76,6 +79,26 @@ def register_schemas() -> None:
             attributes=attrs(ints=("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved",
                                    "sliding_window_cache", "causal", "smooth_softmax"),
                              floats=("scale", "softcap"))))
+    if not known("MatMulNBits", QUANT_DOMAIN):
+        defs.register_schema(schema(
+            "MatMulNBits", QUANT_DOMAIN, 1, "ONNX Runtime's MatMulNBits (the subset sc2deploy emits).",
+            inputs=[schema.FormalParameter(n, {"A": "T", "B": "Q", "scales": "T", "zero_points": "Q"}[n],
+                                           param_option=optional if n == "zero_points" else required)
+                    for n in MATMUL_NBITS_INPUTS],
+            outputs=[schema.FormalParameter("Y", "T")],
+            type_constraints=[("T", FLOAT_TYPES[:2], "activations and scales"), ("Q", ["tensor(uint8)"], "packed")],
+            attributes=attrs(ints=("K", "N", "bits", "block_size", "accuracy_level"))))
+    if not known("GatherBlockQuantized", QUANT_DOMAIN):
+        defs.register_schema(schema(
+            "GatherBlockQuantized", QUANT_DOMAIN, 1, "ONNX Runtime's GatherBlockQuantized (the subset sc2deploy "
+            "emits).",
+            inputs=[schema.FormalParameter(n, {"data": "Q", "indices": "I", "scales": "T", "zero_points": "Q"}[n],
+                                           param_option=optional if n == "zero_points" else required)
+                    for n in GATHER_QUANTIZED_INPUTS],
+            outputs=[schema.FormalParameter("output", "T")],
+            type_constraints=[("T", FLOAT_TYPES[:2], "scales and output"), ("Q", ["tensor(uint8)"], "packed"),
+                              ("I", ["tensor(int32)", "tensor(int64)"], "indices")],
+            attributes=attrs(ints=("bits", "block_size", "gather_axis", "quantize_axis"))))
     for spec in (ROPE, ATTENTION):
         if known(spec.name, PLUGIN_DOMAIN):
             continue

@@ -24,8 +24,8 @@ from typing import Any
 import onnx_ir as ir
 
 from sc2deploy.config import Config, torch_dtype
-from sc2deploy.contract import DATA_FILE, ONNX_DTYPES
-from sc2deploy.export.graph import ExportGraph, InitializerSpec
+from sc2deploy.contract import DATA_FILE, STORED_ONNX_DTYPES
+from sc2deploy.export.graph import ExportGraph, InitializerSpec, QuantizedPart
 
 INLINE_BYTES = 1024
 ALIGNMENT = 4096
@@ -68,11 +68,12 @@ def _attach(graph: ir.Graph, specs: list[InitializerSpec], order: list[str], rea
 
 
 class _SourceReader:
-    """Source tensors, one at a time: the last one read is kept for the next initializer made from it."""
+    """Source tensors, one at a time: the last one read (or quantized) is kept for the next initializer made
+    from it."""
 
     def __init__(self, source):
         self.source = source
-        self._key: tuple[str, str] | None = None
+        self._key: tuple | None = None
         self._tensor: Any = None
 
     def get(self, origin: str, dtype: str):
@@ -80,6 +81,18 @@ class _SourceReader:
             self.release()
             self._tensor = _load(origin, dtype, self.source, self.source.config)
             self._key = (origin, dtype)
+        return self._tensor
+
+    def quantized(self, origin: str, part: QuantizedPart):
+        """export/quantize.py's QuantizedMatMul of `origin` (read in part.model_dtype) under part.scheme."""
+        from sc2deploy.export.quantize import quantize_matmul
+
+        key = (origin, part.model_dtype, part.scheme)
+        if self._key != key:
+            self.release()
+            weight = _load(origin, part.model_dtype, self.source, self.source.config)
+            self._tensor = quantize_matmul(weight, part.scheme, torch_dtype(part.model_dtype), name=origin)
+            self._key = key
         return self._tensor
 
     def release(self) -> None:
@@ -100,7 +113,7 @@ class StreamedTensor(ir.LazyTensor):
 
     def __init__(self, spec: InitializerSpec, reader: _SourceReader, writer: _HashingWriter):
         self.spec, self.reader, self.writer = spec, reader, writer
-        super().__init__(self._whole, dtype=ir.DataType(ONNX_DTYPES[spec.dtype]), shape=ir.Shape(spec.shape),
+        super().__init__(self._whole, dtype=ir.DataType(STORED_ONNX_DTYPES[spec.dtype]), shape=ir.Shape(spec.shape),
                          name=spec.name)
 
     def tofile(self, file) -> None:
@@ -112,6 +125,13 @@ class StreamedTensor(ir.LazyTensor):
     def chunks(self) -> Iterator[memoryview]:
         """The stored bytes, in pieces of about CHUNK_BYTES."""
         spec = self.spec
+        if spec.quantized is not None:
+            part = getattr(self.reader.quantized(spec.origin, spec.quantized), spec.quantized.part)
+            if part.numel() * part.element_size() != spec.nbytes:
+                raise AssertionError(f"{spec.name}: quantizing {spec.origin} gave {tuple(part.shape)}, the graph "
+                                     f"stores {spec.shape}")
+            yield from _chunks(part, False)
+            return
         tensor = self.reader.get(spec.origin, spec.dtype)
         data = tensor if tensor.dtype == torch_dtype(spec.dtype) else tensor.to(torch_dtype(spec.dtype))
         stored = tuple(data.shape[::-1]) if spec.transpose else tuple(data.shape)
