@@ -15,9 +15,12 @@ import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The runtimes' verification cache (runtime/hash_cache.py) goes to a folder of this run, not the user's ~/.cache.
+os.environ["SC2DEPLOY_CACHE_DIR"] = tempfile.mkdtemp(prefix="sc2deploy-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

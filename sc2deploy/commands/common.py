@@ -107,6 +107,12 @@ def runtime_folder(args, backend: str) -> str:
     return folder
 
 
+def add_no_verify(parser) -> None:
+    parser.add_argument("--no-verify", action="store_true",
+                        help="ort: check only the sizes of the artifact's files, not their sha256 (by default a file "
+                             "is rehashed only if its size, mtime or inode changed since it last passed)")
+
+
 def add_dtype(parser: argparse.ArgumentParser, default: str = "fp32", choices=tuple(DTYPE_BYTES)) -> None:
     parser.add_argument("--dtype", default=default, metavar="DTYPE",
                         help=f"weight and activation dtype: {', '.join(choices)} (default {default})")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sc2deploy.commands.common import (add_device, add_run_dtype, add_weights, check_checkpoint, check_dtype,
-                                       infer_backend, notice, open_weights, positive_int, print_json, resolve_device,
-                                       runtime_folder)
+from sc2deploy.commands.common import (add_device, add_no_verify, add_run_dtype, add_weights, check_checkpoint,
+                                       check_dtype, infer_backend, notice, open_weights, positive_int, print_json,
+                                       resolve_device, runtime_folder)
 from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
 from sc2deploy.runtime import BACKENDS, open_runtime
@@ -29,6 +29,7 @@ def register(subparsers) -> None:
                    help=f"runtime: {', '.join(BACKENDS)} (default: ort with --artifact, trt with --engine, else eager)")
     add_run_dtype(p)
     add_device(p)
+    add_no_verify(p)
     prompt = p.add_argument_group("prompt (one of)")
     prompt.add_argument("--prompt", metavar="TEXT", help="prompt text")
     prompt.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, e.g. 1,2,3")
@@ -103,6 +104,8 @@ def run(args) -> int:
     options: dict = {"threads": args.threads} if args.threads else {}
     if on_weights:
         options["device"] = device
+    if backend == "ort" and args.no_verify:
+        options["verify"] = False
     with StageLog() as stage:
         where = args.checkpoint or (f"--size {args.size}" if on_weights else folder)
         stage(f"generate: loading the {backend} runtime ({where}) ...", show=False)

@@ -12,8 +12,9 @@ import sys
 import threading
 from pathlib import Path
 
-from sc2deploy.commands.common import (add_device, add_run_dtype, add_weights, check_dtype, infer_backend, notice,
-                                       open_weights, positive_int, resolve_device, runtime_folder)
+from sc2deploy.commands.common import (add_device, add_no_verify, add_run_dtype, add_weights, check_dtype,
+                                       infer_backend, notice, open_weights, positive_int, resolve_device,
+                                       runtime_folder)
 from sc2deploy.commands.environment import PREFIX
 from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
@@ -68,6 +69,7 @@ def register(subparsers) -> None:
                               "else eager)")
     add_run_dtype(weights)
     add_device(weights)
+    add_no_verify(weights)
     weights.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads of the runtime (default: all)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1",
@@ -138,6 +140,8 @@ def open_model(args):
     options: dict = {"threads": args.threads} if args.threads else {}
     if on_weights:
         options.update(dtype=dtype, device=device)
+    if backend == "ort" and args.no_verify:
+        options["verify"] = False
     with StageLog() as stage:
         stage(f"serve: loading the {backend} runtime ({where}) ...", show=False)
         runtime = open_runtime(backend, source=source, artifact=args.artifact, engine=args.engine,

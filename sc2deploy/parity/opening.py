@@ -86,6 +86,20 @@ def config_differences(reference: Config, tested: Config, fields: Sequence[str])
             if getattr(tested, f) != getattr(reference, f)]
 
 
+def open_tested(backend: str, folder: Path, max_batch: int, options: dict) -> Runtime:
+    """The ort or trt runtime on `folder`. An artifact's files are all rehashed: a hash cached from an earlier
+    open trusts their mtimes, and parity is where a file changed behind them must be caught."""
+    if backend == "ort":
+        from sc2deploy.runtime.onnxruntime import OrtRuntime
+        from sc2deploy.runtime.ort_artifact import load_ort_artifact
+
+        return OrtRuntime(load_ort_artifact(folder, trust_cache=False), max_batch=max_batch, **options)
+    from sc2deploy.runtime.tensorrt import TrtRuntime
+    from sc2deploy.runtime.trt_engine import load_trt_engine
+
+    return TrtRuntime(load_trt_engine(folder), max_batch=max_batch, **options)
+
+
 def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | None = None,
           prompts: str | Path | None = None, decode_steps: int = DECODE_STEPS, atol: float | None = None,
           rtol: float | None = None, kl: float | None = None, threads: int | None = None,
@@ -153,7 +167,7 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
         runtime = open_runtime("cuda", source=tested_source, dtype=dtype, max_batch=slots, device=device)
     else:
         try:
-            runtime = open_runtime(backend, artifact=folder, engine=folder, max_batch=slots, **options)
+            runtime = open_tested(backend, folder, slots, options)
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as e:  # e.g. the backend's library is missing or refuses the model

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from sc2deploy.config import Config
@@ -80,3 +81,29 @@ class Runtime(ABC):
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_batch:
             raise ValueError(f"slot {slot} outside [0, {self.max_batch})")
+
+
+class PaddedPrefill(Runtime):
+    """A runtime that prefills any number of fresh prompts in one call over right-padded rows (`_prefill_rows`);
+    the checks and bookkeeping of `prefill` and `prefill_batch` around that call."""
+
+    @abstractmethod
+    def _prefill_rows(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
+        """Logits (len(prompts), S, vocab) of `prompts`, right-padded to S, prefilled into slots first_slot..;
+        without `all_logits`, S may be 1: the logits of each row's last token."""
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        self._check_prefill(slot, token_ids)
+        logits = self._prefill_rows([list(token_ids)], slot, all_logits)
+        self._lengths[slot] = len(token_ids)
+        return logits[0] if all_logits else logits[0, -1]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+        for slot, prompt in enumerate(prompts):
+            self._check_prefill(slot, prompt)
+        logits = self._prefill_rows([list(p) for p in prompts], 0, all_logits=True)
+        for slot, p in enumerate(prompts):
+            self._lengths[slot] = len(p)
+        return [logits[row, :len(p)] for row, p in enumerate(prompts)]

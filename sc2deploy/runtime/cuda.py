@@ -34,7 +34,7 @@ from sc2deploy.config import torch_dtype
 from sc2deploy.contract import DTYPE_BYTES
 from sc2deploy.errors import UserError
 from sc2deploy.model import Attention, DecoderLayer, Starcoder2
-from sc2deploy.runtime.base import Runtime
+from sc2deploy.runtime.base import PaddedPrefill
 
 DTYPES = tuple(DTYPE_BYTES)
 
@@ -78,7 +78,7 @@ def fuse_qkv(attention: Attention) -> tuple[Tensor, Tensor | None]:
     return cast(Tensor, fused[0]), fused[1]
 
 
-class CudaRuntime(Runtime):
+class CudaRuntime(PaddedPrefill):
     name = "cuda"
 
     def __init__(self, source: TensorSource | None = None, dtype: str = "bf16", max_batch: int = 1,
@@ -132,22 +132,6 @@ class CudaRuntime(Runtime):
 
     # ---------------------------------------------------------------- interface
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
-        self._check_prefill(slot, token_ids)
-        logits = self._prefill([list(token_ids)], slot, all_logits)
-        self._lengths[slot] = len(token_ids)
-        return logits[0] if all_logits else logits[0, -1]
-
-    @torch.inference_mode()
-    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
-        for slot, prompt in enumerate(prompts):
-            self._check_prefill(slot, prompt)
-        logits = self._prefill([list(p) for p in prompts], 0, all_logits=True)
-        for slot, p in enumerate(prompts):
-            self._lengths[slot] = len(p)
-        return [logits[row, :len(p)] for row, p in enumerate(prompts)]
-
-    @torch.inference_mode()
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Tensor:
         self._check_decode(slots, token_ids)
         n = len(slots)
@@ -166,8 +150,8 @@ class CudaRuntime(Runtime):
         return logits[:n].clone() if self.graphs else logits
 
     # ---------------------------------------------------------------- running
-    def _prefill(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
-        """Right-padded prompts into slots first_slot.. (first prompts: the cache rows are written in place)."""
+    def _prefill_rows(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
+        """First prompts: the slots' cache rows are written in place."""
         from sc2deploy.plugins.triton_attention import launch
 
         c, model = self.config, self.model

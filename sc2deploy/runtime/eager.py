@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from sc2deploy.checkpoint import TensorSource, load_model
-from sc2deploy.runtime.base import Runtime
+from sc2deploy.runtime.base import PaddedPrefill
 
 
-class EagerRuntime(Runtime):
+class EagerRuntime(PaddedPrefill):
     name = "eager"
 
     def __init__(self, source: TensorSource, dtype: str = "fp32", max_batch: int = 1, capacity: int | None = None,
@@ -25,25 +25,6 @@ class EagerRuntime(Runtime):
         self._init_slots()
 
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
-        self._check_prefill(slot, token_ids)
-        ids = self._tensor([list(token_ids)])
-        logits = self._run(ids, torch.ones_like(ids), slice(slot, slot + 1), fresh=True)
-        self._lengths[slot] = len(token_ids)
-        return logits[0] if all_logits else logits[0, -1]
-
-    @torch.inference_mode()
-    def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
-        for slot, prompt in enumerate(prompts):
-            self._check_prefill(slot, prompt)
-        lengths = [len(p) for p in prompts]
-        batch = self._tensor([list(p) + [0] * (max(lengths) - len(p)) for p in prompts])
-        logits = self._run(batch, self._mask(lengths), slice(0, len(prompts)), fresh=True)
-        for slot, p in enumerate(prompts):
-            self._lengths[slot] = len(p)
-        return [logits[row, :len(p)] for row, p in enumerate(prompts)]
-
-    @torch.inference_mode()
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Tensor:
         self._check_decode(slots, token_ids)
         mask = self._mask([self._lengths[s] + 1 for s in slots])
@@ -54,6 +35,11 @@ class EagerRuntime(Runtime):
         for s in slots:
             self._lengths[s] += 1
         return logits[:, -1]
+
+    def _prefill_rows(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
+        lengths = [len(p) for p in prompts]
+        batch = self._tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
+        return self._run(batch, self._mask(lengths), slice(first_slot, first_slot + len(prompts)), fresh=True)
 
     def _tensor(self, values: list) -> Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

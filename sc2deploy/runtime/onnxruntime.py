@@ -1,4 +1,5 @@
-"""The ONNX Runtime runtime: an `sc2deploy export --target ort` artifact behind the Runtime interface.
+"""The ONNX Runtime runtime: an `sc2deploy export --target ort` artifact behind the Runtime interface. The
+artifact is checked and its session made by the loaders of runtime/ort_artifact.py; this module runs them.
 
 One session, IOBinding, and per-layer KV buffers of shape (max_batch, kv_heads, C, head_dim)
 allocated once and bound as both past and present (ONNX Runtime updates them in place):
@@ -31,50 +32,43 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sc2deploy.config import Config
-from sc2deploy.contract import (ATTENTION_MASK, INPUT_IDS, LOGITS, MANIFEST, MODEL_FILE, check_external_data,
-                                open_artifact_manifest, past_name, present_name)
+from sc2deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, past_name, present_name
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
-
-NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+from sc2deploy.runtime.ort_artifact import (NUMPY_DTYPES, PROVIDERS, OrtArtifact, choose_provider, load_ort_artifact,
+                                            ort_session)
 
 
 class OrtRuntime(Runtime):
     name = "ort"
 
-    def __init__(self, artifact: str | Path, max_batch: int = 1, capacity: int | None = None, *,
+    def __init__(self, artifact: OrtArtifact | str | Path, max_batch: int = 1, capacity: int | None = None, *,
                  threads: int | None = None, provider: str | None = None, verify: bool = True,
                  optimization: str = "all", cache_slack: int | None = None, torch_threads: int | None = 1):
-        """Load `artifact` (made by `sc2deploy export --target ort`).
+        """Run `artifact`: a loaded OrtArtifact, or the folder of one (made by `sc2deploy export --target ort`),
+        loaded here by `load_ort_artifact(artifact, verify=verify)`.
 
         threads: intra-op threads (default: ONNX Runtime's, one per core). provider: "cpu", "cuda", or None
         for CUDA when onnxruntime-gpu offers it, else CPU. verify: check the sha256 of every file against the
-        manifest (False: sizes only; for very large artifacts). optimization: ONNX Runtime graph optimization
-        level, one of disable/basic/extended/all. cache_slack: positions beyond the window in each cache row
-        (CPU; default max(16, window/8)). torch_threads: on CPU, torch's intra-op threads are set to this (None:
-        left alone). Callers post-process logits with torch (sampling, argmax), and torch's OpenMP workers spin
-        after each parallel op, taking the cores ONNX Runtime's threads need next: with 2 cores, batch-8 decode of
-        the bench preset went from ~325 to ~470 tok/s with torch on 1 thread. Note that this is process-wide.
+        manifest, except those unchanged (size, mtime, inode) since they last passed (False: sizes only).
+        optimization: ONNX Runtime graph optimization level, one of disable/basic/extended/all. cache_slack:
+        positions beyond the window in each cache row (CPU; default max(16, window/8)). torch_threads: on CPU,
+        torch's intra-op threads are set to this (None: left alone). Callers post-process logits with torch
+        (sampling, argmax), and torch's OpenMP workers spin after each parallel op, taking the cores ONNX
+        Runtime's threads need next: with 2 cores, batch-8 decode of the bench preset went from ~325 to ~470
+        tok/s with torch on 1 thread. Note that this is process-wide.
         """
-        self.artifact = Path(artifact)
-        manifest = open_artifact_manifest(self.artifact, "ort", hashes=verify)
-        model_path = self.artifact / manifest.graph.get("file", MODEL_FILE)
-        check_external_data(model_path)
-        self.config = Config.from_hf_dict(manifest.config, source=str(self.artifact / MANIFEST))
-        self.dtype = manifest.dtype
-        if self.dtype not in NUMPY_DTYPES:
-            raise UserError(f"{self.artifact} holds {self.dtype} weights; the ort runtime runs fp32 or fp16 artifacts")
+        if not isinstance(artifact, OrtArtifact):
+            artifact = load_ort_artifact(artifact, verify=verify)
+        self.artifact = artifact.folder
+        self.config, self.dtype, self.windowed = artifact.config, artifact.dtype, artifact.windowed
         self.max_batch = max_batch
-        self.windowed = bool(manifest.graph.get("sliding_window_cache"))
-        self.provider = _choose_provider(provider)
+        self.provider = choose_provider(provider)
         self.threads = threads
         if self.provider == "cpu" and torch_threads:
             torch.set_num_threads(torch_threads)
         self.capacity = self._capacity(capacity, cache_slack)
-        self.session = self._session(model_path, threads, optimization)
+        self.session = ort_session(artifact.model_path, self.provider, threads, optimization)
         # An input with a default (an overridable initializer): IOBinding takes it as an OrtValue only.
         self._logits_to_keep = None
         if any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers()):
@@ -96,28 +90,6 @@ class OrtRuntime(Runtime):
             return window
         slack = max(16, window // 8) if slack is None else slack
         return max(window, min(wanted, window + slack))
-
-    def _session(self, model_path: Path, threads: int | None, optimization: str):
-        import onnxruntime as ort
-
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise UserError(f"unknown optimization level {optimization!r}; choose one of {', '.join(OPTIMIZATION_LEVELS)}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # the overridable logits_to_keep initializer draws a warning by design
-        providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
-        try:
-            return ort.InferenceSession(str(model_path), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise UserError(f"ONNX Runtime cannot load {model_path}: {str(e).splitlines()[0][:500]}; "
-                            "re-export the artifact with this sc2deploy version") from None
 
     def _allocate_cache(self) -> None:
         import onnxruntime as ort
@@ -287,17 +259,3 @@ def _contiguous_runs(slots: list[int]) -> list[list[int]]:
 def _to_torch(array: np.ndarray, copied: bool = False) -> Tensor:
     """float32 logits the caller owns: a copy of the runtime's reused decode buffer, else (`copied`) a view."""
     return torch.from_numpy(np.asarray(array, dtype=np.float32) if copied else np.array(array, dtype=np.float32))
-
-
-def _choose_provider(provider: str | None) -> str:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if provider is None:
-        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
-    if provider not in PROVIDERS:
-        raise UserError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
-    if PROVIDERS[provider] not in available:
-        raise UserError(f"ONNX Runtime here has no {PROVIDERS[provider]} (available: {', '.join(available)}); "
-                        "install onnxruntime-gpu for cuda, or use provider cpu")
-    return provider

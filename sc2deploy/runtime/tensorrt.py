@@ -1,9 +1,5 @@
-"""The TensorRT runtime: an engine folder made by `sc2deploy build`, behind the Runtime interface.
-
-Loading checks the engine's manifest against this machine (TensorRT version, GPU compute
-capability, plugin hash for JIT engines) before TensorRT sees the bytes, so a mismatch is a
-clear UserError, not a crash. Without TensorRT or a GPU, constructing it raises a UserError
-that says what to install; this module imports tensorrt only inside the constructor.
+"""The TensorRT runtime: an engine folder made by `sc2deploy build`, behind the Runtime interface. The engine
+is checked against this machine and deserialized by the loader of runtime/trt_engine.py; this module runs it.
 
 Execution. One engine, two execution contexts sharing one activation buffer (they never run
 at once): context 0 on the prefill profile, context 1 on the decode profile. The KV cache is
@@ -23,82 +19,40 @@ past_key_values.{i}.key|value; outputs logits and present.{i}.key|value.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sc2deploy.config import Config
-from sc2deploy.contract import (ATTENTION_MASK, ENGINE, ENGINE_FILE, INPUT_IDS, LOGITS, MANIFEST, Manifest,
-                                check_engine_manifest, engine_limits, past_name, present_name, read_manifest)
+from sc2deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MANIFEST, engine_limits, past_name, present_name
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
+from sc2deploy.runtime.trt_engine import TrtEngine, load_trt_engine
 
 if TYPE_CHECKING:
     import tensorrt
 
-log = logging.getLogger(__name__)
 PREFILL_CONTEXT, DECODE_CONTEXT = 0, 1
 
 
 class TrtRuntime(Runtime):
     name = "trt"
 
-    def __init__(self, engine_dir: str | Path, max_batch: int = 1, capacity: int | None = None,
+    def __init__(self, engine: TrtEngine | str | Path, max_batch: int = 1, capacity: int | None = None,
                  threads: int | None = None, device: int = 0):
-        from sc2deploy.plugins.trt_env import gpu_identity, require_cuda, require_tensorrt
-        from sc2deploy.plugins.trt_rules import plugin_hash
-
-        require_tensorrt("--backend trt")
-        require_cuda("--backend trt")
-        import tensorrt as trt  # typed by tensorrt-stubs
+        """Run `engine`: a loaded TrtEngine (on its device), or an engine folder, loaded here on CUDA device
+        `device` by `load_trt_engine`. The loaded engine is kept with the logger and runtime it must not outlive."""
+        self._loaded = engine if isinstance(engine, TrtEngine) else load_trt_engine(engine, device)
+        trt, cuda_engine, folder = self._loaded.trt, self._loaded.engine, self._loaded.folder
         if threads:
             torch.set_num_threads(threads)
-        folder = Path(engine_dir)
-        manifest = read_manifest(folder, ENGINE)
-        gpu = gpu_identity(device)
-        for warning in check_engine_manifest(manifest, tensorrt_version=str(trt.__version__), gpu_name=gpu["name"],
-                                             compute_capability=gpu["compute_capability"],
-                                             plugin_hash=plugin_hash()):
-            log.warning("%s: %s", folder, warning)
-
-        if manifest.plugin.get("mode") == "jit":
-            from sc2deploy.plugins.trt_plugin import register_plugins  # the engine calls back into Python
-
-            register_plugins()
-        logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(logger)
-        path = folder / manifest.engine.get("file", ENGINE_FILE)
-        if not path.is_file():
-            raise UserError(f"{folder} lacks {path.name}; rebuild the engine")
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        if engine is None:
-            raise UserError(f"TensorRT {trt.__version__} could not load {path} although its manifest matches this "
-                            "machine; the file may be corrupt: rebuild it with `sc2deploy build`")
-        self._keep: tuple[Any, ...] = (logger, runtime)  # the engine must not outlive them
-        self._setup(trt, engine, manifest, folder, max_batch, capacity, torch.device("cuda", device))
-
-    @classmethod
-    def from_engine(cls, trt: Any, engine: Any, manifest: Manifest, folder: Path, max_batch: int = 1,
-                    capacity: int | None = None, device: str | torch.device = "cuda") -> TrtRuntime:
-        """A runtime over an already deserialized engine (and the tensorrt module it came from): no checks.
-
-        The tests use it with a stand-in engine on the CPU.
-        """
-        self = cls.__new__(cls)
-        self._keep = ()
-        self._setup(trt, engine, manifest, Path(folder), max_batch, capacity, torch.device(device))
-        return self
-
-    def _setup(self, trt: Any, engine: tensorrt.ICudaEngine, manifest: Manifest, folder: Path, max_batch: int,
-               capacity: int | None, device: torch.device) -> None:
-        self.folder, self.manifest, self.device = folder, manifest, device
-        self.config = Config.from_hf_dict(manifest.config, source=str(folder / MANIFEST))
-        self.dtype = manifest.dtype
-        engine_batch, self.max_input_len, self.max_seq_len, engine_capacity = engine_limits(manifest)
+        self.folder, self.manifest, self.device = folder, self._loaded.manifest, self._loaded.device
+        self.config = Config.from_hf_dict(self.manifest.config, source=str(folder / MANIFEST))
+        self.dtype = self.manifest.dtype
+        engine_batch, self.max_input_len, self.max_seq_len, engine_capacity = engine_limits(self.manifest)
         if max_batch > engine_batch:
             raise UserError(f"{max_batch} slots asked, but the engine {folder} was built for batches of at most "
                             f"{engine_batch}: use fewer slots or rebuild with `sc2deploy build --max-batch {max_batch}`")
@@ -107,18 +61,17 @@ class TrtRuntime(Runtime):
                             f"cache positions (built with --max-seq-len {self.max_seq_len}): rebuild with a larger "
                             "--max-seq-len")
         self.max_batch, self.capacity = max_batch, engine_capacity
-        self._trt = trt
-        self._engine = engine
-        if engine.num_optimization_profiles < 2:
-            raise UserError(f"the engine in {folder} has {engine.num_optimization_profiles} optimization profile(s), "
-                            "expected prefill and decode; rebuild it with `sc2deploy build`")
+        self._trt, self._engine = trt, cuda_engine
+        if cuda_engine.num_optimization_profiles < 2:
+            raise UserError(f"the engine in {folder} has {cuda_engine.num_optimization_profiles} optimization "
+                            "profile(s), expected prefill and decode; rebuild it with `sc2deploy build`")
         self._check_bindings()
 
         # Two contexts, one activation buffer: they never run concurrently.
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        self._contexts: list[tensorrt.IExecutionContext] = [engine.create_execution_context(strategy)
+        self._contexts: list[tensorrt.IExecutionContext] = [cuda_engine.create_execution_context(strategy)
                                                             for _ in range(2)]
-        size = max(engine.get_device_memory_size_for_profile_v2(i) for i in range(2))
+        size = max(cuda_engine.get_device_memory_size_for_profile_v2(i) for i in range(2))
         self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
         for index, context in enumerate(self._contexts):
             if context is None:
@@ -129,12 +82,12 @@ class TrtRuntime(Runtime):
 
         c = self.config
         shape = (max_batch, c.num_key_value_heads, self.capacity, c.head_dim)
-        cache_dtype = self._torch_dtype(engine.get_tensor_dtype(past_name(0, "key")))
+        cache_dtype = self._torch_dtype(cuda_engine.get_tensor_dtype(past_name(0, "key")))
         self._cur = [[torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(2)]
                      for _ in range(c.num_hidden_layers)]
         self._nxt = [[torch.zeros(shape, dtype=cache_dtype, device=self.device) for _ in range(2)]
                      for _ in range(c.num_hidden_layers)]
-        self._logits_dtype = self._torch_dtype(engine.get_tensor_dtype(LOGITS))
+        self._logits_dtype = self._torch_dtype(cuda_engine.get_tensor_dtype(LOGITS))
         self._init_slots()
 
     # ---------------------------------------------------------------- Runtime

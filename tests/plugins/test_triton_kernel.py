@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from sc2deploy.attention import sliding_window_gqa_reference  # noqa: E402
-from bench import gpu_check  # noqa: E402
-from sc2deploy.plugins import tiling, triton_attention, triton_launch  # noqa: E402
-from sc2deploy.plugins import triton_kernel as tk  # noqa: E402
-
-if not tk.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("triton_kernel was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+from bench import gpu_check
+from sc2deploy.attention import sliding_window_gqa_reference
+from sc2deploy.plugins import tiling, triton_attention, triton_launch
+from sc2deploy.plugins import triton_kernel as tk
 
 DEVICE = "cpu" if tk.INTERPRET else "cuda"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16

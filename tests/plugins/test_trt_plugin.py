@@ -16,18 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from sc2deploy.attention import sliding_window_gqa_reference  # noqa: E402
-from bench import gpu_check  # noqa: E402
-from sc2deploy.plugins import triton_launch, trt_kernels  # noqa: E402
-from sc2deploy.plugins import triton_kernel as tk  # noqa: E402
-from sc2deploy.plugins.trt_rules import (ATTENTION, ROPE, SPECS, TACTICS, PluginRuleError,  # noqa: E402
-                                         aot_extra_args, autotune_types, check_shapes, output_dtypes, output_shapes,
-                                         plugin_hash, tactic_ids)
-
-if not tk.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("triton_kernel was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+from bench import gpu_check
+from sc2deploy.attention import sliding_window_gqa_reference
+from sc2deploy.plugins import triton_launch, trt_kernels
+from sc2deploy.plugins import triton_kernel as tk
+from sc2deploy.plugins.trt_rules import (ATTENTION, ROPE, SPECS, TACTICS, PluginRuleError, aot_extra_args,
+                                         autotune_types, check_shapes, output_dtypes, output_shapes, plugin_hash,
+                                         tactic_ids)
 
 DEVICE = "cpu" if tk.INTERPRET else "cuda"
 REPO = Path(__file__).resolve().parents[2]

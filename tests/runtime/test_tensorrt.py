@@ -23,6 +23,7 @@ from sc2deploy.config import preset
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.eager import EagerRuntime
 from sc2deploy.runtime.tensorrt import TrtRuntime
+from sc2deploy.runtime.trt_engine import TrtEngine
 
 SEED = 11
 DTYPES = {"FLOAT": torch.float32, "INT64": torch.int64}
@@ -145,7 +146,8 @@ def fake_runtime(tmp_path, max_batch=4, engine_batch=4, max_input_len=16, max_se
     manifest = Manifest.from_json(__import__("json").loads(__import__("json").dumps(manifest.to_json())),
                                   tmp_path / MANIFEST)  # as read back from sc2deploy.json
     engine = FakeEngine(load_model(RandomSource(config, SEED), "fp32"), manifest)
-    runtime = TrtRuntime.from_engine(FakeTrt, engine, manifest, tmp_path, max_batch=max_batch, device="cpu")
+    loaded = TrtEngine(FakeTrt, engine, manifest, tmp_path, torch.device("cpu"))
+    runtime = TrtRuntime(loaded, max_batch=max_batch)
     return runtime, engine
 
 
