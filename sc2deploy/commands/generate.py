@@ -119,5 +119,10 @@ def run(args) -> int:
     else:
         sys.stdout.write(result.text + "\n")
         notice(f"[{result.finish_reason}; {len(result.output_ids)} tokens; prefill {result.prefill_ms:.1f} ms; "
-               f"decode {result.decode_tokens_per_s:.1f} tok/s; {runtime.name} {runtime.dtype}]")
+               f"decode {result.decode_tokens_per_s:.1f} tok/s; {runtime.name} {runtime.dtype}{_quantized(runtime)}]")
     return 0
+
+
+def _quantized(runtime) -> str:
+    scheme = getattr(runtime, "quantization", None)
+    return f" {scheme.name}" if scheme else ""

@@ -10,7 +10,8 @@ import torch
 from sc2deploy.config import Config
 from sc2deploy.contract import MANIFEST, Manifest, read_manifest
 from sc2deploy.errors import UserError
-from sc2deploy.parity.compare import tolerances_for
+from sc2deploy.parity.compare import FIDELITY, quantized_compute, tolerances_for
+from sc2deploy.parity.dequantized import DequantizedSource
 from sc2deploy.parity.reference import ChunkedReference
 from sc2deploy.parity.report import Report
 from sc2deploy.parity.running import run_suite
@@ -176,12 +177,20 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
     if shape:
         raise UserError(f"{folder} holds a different model than the reference ({source.description}): "
                         f"{', '.join(shape)}; pass the checkpoint it was made from with --checkpoint DIR")
-    stage(f"parity: loading the eager fp32 reference ({source.description}) ...")
-    reference = ChunkedReference(source, max_batch=slots)
-    report = run_suite(reference, runtime, cases, tolerances_for(runtime.dtype, atol, rtol, kl), progress,
-                       save_results)
-    report.reference = f"eager fp32 on {source.description}"
+    quant = getattr(runtime, "quantization", None)
+    compute = quantized_compute(quant, runtime.dtype) if quant else runtime.dtype
+    expected = DequantizedSource(source, quant, runtime.dtype) if quant else source
+    stage(f"parity: loading the eager fp32 reference ({expected.description}) ...")
+    reference = ChunkedReference(expected, max_batch=slots)
+    baseline = ChunkedReference(source, max_batch=slots) if quant else None
+    report = run_suite(reference, runtime, cases, tolerances_for(compute, atol, rtol, kl), progress, save_results,
+                       baseline=baseline, fidelity=FIDELITY[quant.name] if quant else None)
+    report.reference = f"eager fp32 on {expected.description}"
     report.notes += notes
+    if quant:
+        report.notes.append(f"{quant.name} weights: logits compared with the model on the same weights quantized "
+                            f"and dequantized ({compute} tolerances); fidelity against the unquantized model: "
+                            "KL, top-1, top-5 per case")
     behaviour = config_differences(source.config, runtime.config, BEHAVIOUR_FIELDS)
     if behaviour:
         report.notes.append(f"the {backend} model's config differs from the reference: {', '.join(behaviour)}")

@@ -48,6 +48,12 @@ def format_table(report: Report) -> str:
         lines.append(f"{c.name[:11]:<12}{c.positions:>6}{num(c.max_abs):>10}{num(c.max_rel):>10}{top1:>8}"
                      f"{num(c.kl_mean):>10}{num(c.kl_max):>10}{diverges:>10}{tie:>10}  {'PASS' if c.passed else 'FAIL'}")
     for c in report.cases:
+        if c.fidelity:
+            f = c.fidelity
+            lines.append(f"fidelity {c.name}: against the unquantized model KL mean {num(f['kl_mean'])} p99 "
+                         f"{num(f['kl_p99'])} max {num(f['kl_max'])}, same top-1 {100 * f['top1']:.1f}%, top-5 "
+                         f"overlap {100 * f['top5']:.1f}%")
+    for c in report.cases:
         for failure in c.failures:
             lines.append(f"FAIL {c.name}: {failure}")
     lines += [f"note: {n}" for n in report.notes]

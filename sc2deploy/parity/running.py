@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from sc2deploy.errors import UserError
-from sc2deploy.parity.compare import CaseResult, RowLogits, Tolerances, compare_case
+from sc2deploy.parity.compare import (CaseResult, FidelityBounds, RowLogits, Tolerances, check_fidelity, compare_case,
+                                      fidelity_stats)
 from sc2deploy.parity.report import Report
 from sc2deploy.parity.suite import Case
 from sc2deploy.runtime.base import Runtime
@@ -122,14 +123,18 @@ def _run(runner, feed: dict, kept=None):
 
 
 def run_suite(reference: Runtime, runtime: Runtime, cases: Sequence[Case], tolerances: Tolerances,
-              progress: Callable[[str], None] | None = None, save_results: str | Path | None = None) -> Report:
+              progress: Callable[[str], None] | None = None, save_results: str | Path | None = None,
+              baseline: Runtime | None = None, fidelity: FidelityBounds | None = None) -> Report:
     """Run every case through the reference and the runtime under test; a runtime error, or NaN or inf in its
-    outputs, fails its case. `save_results`: write both runners' outputs there as Polygraphy RunResults."""
+    outputs, fails its case. `save_results`: write both runners' outputs there as Polygraphy RunResults.
+    `baseline` (a quantized runtime's unquantized model): also run it on the reference's tokens, and judge the
+    runtime's fidelity_stats against it by `fidelity`."""
     need = max(len(c.prompts) for c in cases)
     for rt in (reference, runtime):
         if rt.max_batch < need:
             raise UserError(f"the {rt.name} runtime has {rt.max_batch} slots; the suite needs {need}")
     ref_runner = runtime_runner(reference, f"{reference.name}-{reference.dtype}")
+    base_runner = runtime_runner(baseline, "unquantized") if baseline is not None else None
     test_runner = runtime_runner(runtime, f"{runtime.name}-{runtime.dtype}")
     kept: dict[str, list] | None = {} if save_results else None  # runner name -> one iteration per case
     results = []
@@ -150,7 +155,16 @@ def run_suite(reference: Runtime, runtime: Runtime, cases: Sequence[Case], toler
                                       failures=[f"the {runtime.name} runtime raised {type(e).__name__}: {e}"]))
             continue
         result = compare_case(case, ref_logits, test_logits, tolerances)
-        del ref_logits, test_logits  # (positions, vocab) float32 each: not kept past their case
+        del ref_logits  # (positions, vocab) float32: not kept past its case
+        if base_runner is not None and fidelity is not None:
+            if progress:
+                progress(f"{where}: the unquantized model ...")
+            base_logits, *_ = _run(base_runner, forced)
+            result.fidelity = fidelity_stats(base_logits, test_logits)
+            result.failures += check_fidelity(result.fidelity, fidelity)
+            result.passed = result.passed and not result.failures
+            del base_logits
+        del test_logits
         for finite, who in ((ref_finite, "the eager reference"), (test_finite, f"the {runtime.name} runtime")):
             if not finite:
                 result.passed = False

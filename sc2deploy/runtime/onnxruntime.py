@@ -62,6 +62,7 @@ class OrtRuntime(Runtime):
             artifact = load_ort_artifact(artifact, verify=verify)
         self.artifact = artifact.folder
         self.config, self.dtype, self.windowed = artifact.config, artifact.dtype, artifact.windowed
+        self.quantization = artifact.quantization
         self.max_batch = max_batch
         self.provider = choose_provider(provider)
         self.threads = threads
@@ -114,7 +115,8 @@ class OrtRuntime(Runtime):
 
     def describe(self) -> dict:
         return {**super().describe(), "provider": PROVIDERS[self.provider], "artifact": str(self.artifact),
-                "threads": self.threads, "window_cache": self.windowed}
+                "threads": self.threads, "window_cache": self.windowed,
+                "quantization": self.quantization.to_manifest() if self.quantization else None}
 
     # ---------------------------------------------------------------- interface
     def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:

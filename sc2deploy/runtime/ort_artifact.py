@@ -11,6 +11,7 @@ import numpy as np
 from sc2deploy.config import Config
 from sc2deploy.contract import MANIFEST, MODEL_FILE, Manifest, check_external_data, open_artifact_manifest
 from sc2deploy.errors import UserError
+from sc2deploy.quantization import QuantScheme
 from sc2deploy.runtime.hash_cache import HashCache
 
 NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -28,6 +29,7 @@ class OrtArtifact:
     dtype: str  # fp32 or fp16
     windowed: bool  # its GroupQueryAttention nodes run with sliding_window_cache=1
     model_path: Path
+    quantization: QuantScheme | None  # its weights' block quantization (export --quant)
 
 
 def load_ort_artifact(folder: str | Path, *, verify: bool = True, trust_cache: bool = True) -> OrtArtifact:
@@ -49,7 +51,19 @@ def load_ort_artifact(folder: str | Path, *, verify: bool = True, trust_cache: b
     if manifest.dtype not in NUMPY_DTYPES:
         raise UserError(f"{folder} holds {manifest.dtype} weights; the ort runtime runs fp32 or fp16 artifacts")
     return OrtArtifact(folder, manifest, config, manifest.dtype, bool(manifest.graph.get("sliding_window_cache")),
-                       model_path)
+                       model_path, manifest_quantization(manifest, folder))
+
+
+def manifest_quantization(manifest: Manifest, folder: Path) -> QuantScheme | None:
+    """The quantization scheme an artifact's manifest records, or None."""
+    recorded = manifest.graph.get("quantization")
+    if recorded is None:
+        return None
+    try:
+        return QuantScheme.from_manifest(recorded)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{folder / MANIFEST} records a quantization this sc2deploy does not know ({e}); upgrade "
+                        "sc2deploy or re-export the artifact") from None
 
 
 def choose_provider(provider: str | None) -> str:
