@@ -49,3 +49,18 @@ def test_genai_config_describes_the_window_cache(store):
     assert decoder["sliding_window"]["slide_key_value_cache"] is False
     assert config["search"]["past_present_share_buffer"] is True
     assert config["model"]["vocab_size"] == 1000 and config["model"]["context_length"] == 512
+
+
+def test_genai_runs_an_int4_artifact_like_the_dequantized_model(tmp_path, store, helpers):
+    from sc2deploy.export import export_artifact
+    from sc2deploy.parity.dequantized import DequantizedSource
+    from sc2deploy.quantization import QuantScheme
+
+    folder, _ = store.checkpoint()
+    source = CheckpointSource(folder)
+    scheme = QuantScheme(bits=4, block_size=16, accuracy_level=0, symmetric=False)  # float activations: exact
+    artifact = export_artifact(source, tmp_path / "int4", "fp32", quant=scheme)
+    prompt = helpers.random_ids(source.config.vocab_size, (20,), seed=7).tolist()
+    n = 40
+    dequantized = EagerRuntime(DequantizedSource(source, scheme, "fp32"), capacity=len(prompt) + n)
+    assert genai_greedy(artifact, prompt, n) == eager_greedy(dequantized, prompt, n, source.config.eos_token_id)

@@ -67,3 +67,26 @@ def test_ort_fim_prompt_tokens(ort_server):
     _, client, _, tokenizer = ort_server
     response = client.complete(make_request("def f(a):\n    ", "\n    return b\n", max_tokens=8), timeout=60)
     assert response.usage.prompt_tokens == len(tokenizer.fim_prompt_ids("def f(a):\n    ", "\n    return b\n"))
+
+
+def test_an_int4_artifact_serves_with_no_new_flag(tmp_path):
+    artifact = tmp_path / "tiny-ort-int4"
+    assert main(["export", "--size", "tiny", "--quant", "int4", "--out", str(artifact)]) == 0
+    args = build_parser().parse_args(["serve", "--artifact", str(artifact), "--max-batch", "4"])
+    runtime, tokenizer, where = open_model(args)
+    assert runtime.quantization is not None and runtime.quantization.bits == 4
+    alone = open_model(build_parser().parse_args(["serve", "--artifact", str(artifact), "--max-batch", "1"]))[0]
+    server = CompletionServer(runtime, tokenizer, ServerOptions(host="127.0.0.1", port=0, source=where))
+    server.start()
+    client = Client(f"127.0.0.1:{server.port}")
+    try:
+        batch = requests()[:8]
+        with ThreadPoolExecutor(8) as pool:
+            served = list(pool.map(lambda r: list(client.complete(r, timeout=60).token_ids), batch))
+        limits = Limits(context_length=client.info().context_length)
+        for request, got in zip(batch, served):
+            job = build_job(request, tokenizer, limits)
+            assert got == generate(alone, tokenizer, job.prompt_ids, job.params, job.stop_ids).output_ids
+    finally:
+        client.close()
+        server.stop(1.0)
