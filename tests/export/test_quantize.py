@@ -20,7 +20,8 @@ import torch
 
 from sc2deploy.errors import UserError
 from sc2deploy.export.quantize import (QuantizedMatMul, dequantize_gather, dequantize_matmul, iter_quantized_rows,
-                                       quantize_gather, quantize_matmul, quantize_matmul_rows, unpack_levels)
+                                       matmul_attributes, quantize_gather, quantize_matmul, quantize_matmul_rows,
+                                       unpack_levels)
 from sc2deploy.quantization import SCHEMES, QuantScheme
 
 DTYPES = {"fp32": (torch.float32, np.float32), "fp16": (torch.float16, np.float16)}
@@ -49,6 +50,15 @@ def test_scheme_manifest_round_trip_and_names():
         assert s.name == name
         assert QuantScheme.from_manifest(s.to_manifest()) == s
     assert scheme(4, True, 64, 4).to_manifest() == {"bits": 4, "block_size": 64, "accuracy_level": 4, "symmetric": True}
+
+
+def test_node_attributes():
+    q = quantize_matmul(torch.randn(48, 64), scheme(4, False, 16, 0), torch.float32)
+    assert q.attributes() == {"K": 64, "N": 48, "bits": 4, "block_size": 16}  # level 0 left out, as ORT does
+    assert matmul_attributes(scheme(8, True, 32, 4), 64, 48) == {"K": 64, "N": 48, "bits": 8, "block_size": 32,
+                                                                 "accuracy_level": 4}
+    g = quantize_gather(torch.randn(48, 64), scheme(8, True, 64), torch.float16)
+    assert g.attributes() == {"bits": 8, "block_size": 64, "gather_axis": 0, "quantize_axis": 1}
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -160,7 +170,7 @@ def test_levels_come_from_the_reciprocal_times_the_weight_as_in_onnxruntime():
 # --- MatMulNBits and GatherBlockQuantized in ONNX Runtime ----------------------------------------------------
 
 def run_single_node(node_kwargs: dict, feeds: dict[str, np.ndarray], initializers: dict[str, np.ndarray],
-                    output_dtype: type) -> np.ndarray:
+                    output_dtype: type, log_severity: int = 2) -> np.ndarray:
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from onnx import helper, numpy_helper
@@ -174,11 +184,15 @@ def run_single_node(node_kwargs: dict, feeds: dict[str, np.ndarray], initializer
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
+    options.log_severity_level = log_severity
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = log_severity
+    return session.run(None, feeds, run_options)[0]
 
 
-def run_matmul_nbits(q: QuantizedMatMul, a: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+def run_matmul_nbits(q: QuantizedMatMul, a: np.ndarray, bias: np.ndarray | None = None,
+                     log_severity: int = 2) -> np.ndarray:
     """B, scales, zero_points (and bias) as initializers, as in an export: ORT prepacks them."""
     initializers = {"B": q.packed.numpy(), "scales": q.scales.numpy()}
     inputs = ["A", "B", "scales", ""]
@@ -189,7 +203,7 @@ def run_matmul_nbits(q: QuantizedMatMul, a: np.ndarray, bias: np.ndarray | None 
         initializers["bias"] = bias
         inputs += ["", "bias"]  # g_idx (deprecated) omitted
     node = {"op_type": "MatMulNBits", "inputs": inputs, **q.attributes()}
-    return run_single_node(node, {"A": a}, initializers, a.dtype.type)
+    return run_single_node(node, {"A": a}, initializers, a.dtype.type, log_severity)
 
 
 def matmul_error_over_bound(y: np.ndarray, a: np.ndarray, q: QuantizedMatMul) -> float:
@@ -240,6 +254,22 @@ def test_accuracy_level_4_is_measurably_looser_but_within_its_bound():
     relative = np.linalg.norm(y4 - y0) / np.linalg.norm(y0)
     assert 1e-4 < relative < 2e-2
     assert matmul_error_over_bound(y4, a, q4) <= 1.0 < matmul_error_over_bound(y4, a, q0)
+
+
+FALLBACK = "Falling back to using unpacked compute mode"  # ORT's INFO log: B dequantized to float at every call
+
+
+def test_default_schemes_run_on_an_mlas_kernel_not_the_slow_fallback(capfd):
+    """int8 at accuracy_level 0 has no x86-64 MLAS kernel: ORT dequantizes all of B at every call (25 times
+    slower than a float32 MatMul at decode). The defaults must not land there, in fp32 or fp16 models."""
+    weight = torch.randn(64, 128)
+    a = np.ones((1, 1, 128), np.float32)
+    run_matmul_nbits(quantize_matmul(weight, scheme(8, False, 32, 0), torch.float32), a, log_severity=0)
+    assert FALLBACK in capfd.readouterr().err  # the log line this test relies on is there
+    for s in SCHEMES.values():
+        for torch_dtype, np_dtype in DTYPES.values():
+            run_matmul_nbits(quantize_matmul(weight.to(torch_dtype), s, torch_dtype), a.astype(np_dtype), log_severity=0)
+            assert FALLBACK not in capfd.readouterr().err, (s, torch_dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
