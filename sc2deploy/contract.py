@@ -61,7 +61,7 @@ GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "t
 ATTENTION_OUTPUTS = ("output", "present_key", "present_value")
 # Quantized artifacts (export --quant): weights as ONNX Runtime's block-quantized contrib ops, inputs in their order.
 QUANT_DOMAIN = GQA_DOMAIN
-MATMUL_NBITS_INPUTS = ("A", "B", "scales", "zero_points")
+MATMUL_NBITS_INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
 GATHER_QUANTIZED_INPUTS = ("data", "indices", "scales", "zero_points")
 # trt: two TensorRT plugins per layer, found by the ONNX parser from op_type and the plugin_namespace attribute.
 PLUGIN_DOMAIN = "trt.plugins"

@@ -1,7 +1,7 @@
 """`export --quant`: an onnx_ir pass that makes the artifact's weights block-quantized.
 
 Every MatMul by a stored weight (q/k/v/o, c_fc, c_proj, lm_head; a tied head included) becomes
-com.microsoft::MatMulNBits, and the token embedding's Gather becomes
+com.microsoft::MatMulNBits, taking in the bias Add that follows it, and the token embedding's Gather becomes
 com.microsoft::GatherBlockQuantized. Their inputs are InitializerSpecs with a QuantizedPart:
 weights.py quantizes the checkpoint tensor when it writes them (export/quantize.py's layouts),
 so no full-precision weight is ever held beyond the one being quantized. A tied embedding is
@@ -49,15 +49,39 @@ def quantize_graph(graph: ir.Graph, specs: list[InitializerSpec], scheme: QuantS
             op, attributes, layout = "GatherBlockQuantized", gather_attributes(scheme), "gather"
             operand = node.inputs[1]
         parts = [_register(graph, by_name, part) for part in _parts(spec, n, k, scheme, dtype, layout)]
-        inputs = [parts[0], operand, *parts[1:]] if layout == "gather" else [operand, *parts]
+        replaced = [node]
+        if layout == "gather":
+            inputs = [parts[0], operand, *parts[1:]]
+        else:
+            inputs = [operand, parts[0], parts[1], parts[2] if len(parts) > 2 else None]
+            bias_add = _bias_add(node, n)
+            if bias_add is not None:  # MatMulNBits adds it: one kernel fewer per linear layer
+                replaced.append(bias_add[0])
+                inputs += [None, bias_add[1]]  # g_idx, bias
         quantized = ir.Node(QUANT_DOMAIN, op, inputs, attributes=[ir.AttrInt64(a, v) for a, v in attributes.items()],
                             name=f"{node.name}/{op}")
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [quantized], node.outputs, quantized.outputs)
+        ir.convenience.replace_nodes_and_values(graph, node, replaced, [quantized], replaced[-1].outputs,
+                                                quantized.outputs)
     for name, value in list(graph.initializers.items()):
         if not value.uses() and not value.is_graph_input():
             graph.initializers.pop(name)
             by_name.pop(name, None)
     return [by_name[name] for name in graph.initializers if name in by_name]
+
+
+def _bias_add(matmul: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:
+    """The Add of a bias initializer [n] that is the only use of `matmul`'s output, and that bias."""
+    output = matmul.outputs[0]
+    uses = list(output.uses())
+    if len(uses) != 1 or output.is_graph_output():
+        return None
+    add, index = uses[0].node, uses[0].idx
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+        return None
+    bias = add.inputs[1 - index]
+    if bias is None or not bias.is_initializer() or bias.shape is None or list(bias.shape) != [n]:
+        return None
+    return add, bias
 
 
 def _parts(spec: InitializerSpec, n: int, k: int, scheme: QuantScheme, dtype: str,

@@ -82,11 +82,13 @@ def register_schemas() -> None:
     if not known("MatMulNBits", QUANT_DOMAIN):
         defs.register_schema(schema(
             "MatMulNBits", QUANT_DOMAIN, 1, "ONNX Runtime's MatMulNBits (the subset sc2deploy emits).",
-            inputs=[schema.FormalParameter(n, {"A": "T", "B": "Q", "scales": "T", "zero_points": "Q"}[n],
-                                           param_option=optional if n == "zero_points" else required)
+            inputs=[schema.FormalParameter(n, {"A": "T", "B": "Q", "scales": "T", "zero_points": "Q", "g_idx": "G",
+                                               "bias": "T"}[n],
+                                           param_option=required if n in ("A", "B", "scales") else optional)
                     for n in MATMUL_NBITS_INPUTS],
             outputs=[schema.FormalParameter("Y", "T")],
-            type_constraints=[("T", FLOAT_TYPES[:2], "activations and scales"), ("Q", ["tensor(uint8)"], "packed")],
+            type_constraints=[("T", FLOAT_TYPES[:2], "activations and scales"), ("Q", ["tensor(uint8)"], "packed"),
+                              ("G", ["tensor(int32)"], "group indices (unused)")],
             attributes=attrs(ints=("K", "N", "bits", "block_size", "accuracy_level"))))
     if not known("GatherBlockQuantized", QUANT_DOMAIN):
         defs.register_schema(schema(

@@ -57,6 +57,8 @@ def test_every_weight_is_quantized_and_the_manifest_records_the_scheme(tmp_path,
     layers = source.config.num_hidden_layers
     assert ops["MatMulNBits"] == 6 * layers + 1  # q, k, v, o, c_fc, c_proj per layer, and the head
     assert ops["GatherBlockQuantized"] == 1
+    biased = [n for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) == 6 and n.input[5]]
+    assert len(biased) == 6 * layers  # every layer's biases are added by MatMulNBits, not by an Add after it
     initializers = {t.name: t for t in model.graph.initializer}
     weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"} & set(initializers)
     assert not weights, f"float MatMul weights left: {sorted(weights)}"
