@@ -115,7 +115,9 @@ def run(args) -> int:
     stop_ids = tokenizer.fim_stop_token_ids if args.fim_prefix is not None else tokenizer.stop_token_ids
     result = generate(runtime, tokenizer, ids, params, stop_ids)
     if args.json:
-        print_json({**result.to_dict(), "backend": runtime.name, "dtype": runtime.dtype})
+        scheme = getattr(runtime, "quantization", None)
+        print_json({**result.to_dict(), "backend": runtime.name, "dtype": runtime.dtype,
+                    "quantization": scheme.to_manifest() if scheme else None})
     else:
         sys.stdout.write(result.text + "\n")
         notice(f"[{result.finish_reason}; {len(result.output_ids)} tokens; prefill {result.prefill_ms:.1f} ms; "
