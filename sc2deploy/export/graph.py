@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sc2deploy.config import Config, torch_dtype
-from sc2deploy.contract import STORED_BYTES
+from sc2deploy.contract import STORED_BYTES, STORED_ONNX_DTYPES
 from sc2deploy.export.nodes import attention_translation
 
 if TYPE_CHECKING:
@@ -62,6 +62,25 @@ class QuantizedPart:
 class ExportGraph:
     model: ir.Model  # its weight initializers are placeholders until weights.py attaches them
     initializers: list[InitializerSpec]
+
+
+def placeholder(spec: InitializerSpec) -> ir.LazyTensor:
+    """A tensor of `spec`'s type and shape whose bytes are not known yet (weights.py supplies them)."""
+    import onnx_ir as ir
+
+    def unbound() -> ir.TensorProtocol:
+        raise AssertionError(f"initializer {spec.name} was read before its weights were attached")
+
+    return ir.LazyTensor(unbound, dtype=ir.DataType(STORED_ONNX_DTYPES[spec.dtype]), shape=ir.Shape(spec.shape),
+                         name=spec.name)
+
+
+def initializer_value(spec: InitializerSpec) -> ir.Value:
+    import onnx_ir as ir
+
+    tensor = placeholder(spec)
+    return ir.Value(name=spec.name, shape=ir.Shape(spec.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+
 
 
 def trace_model(config: Config, dtype: str, target: str) -> ir.Model:

@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sc2deploy.contract import QUANT_DOMAIN
-from sc2deploy.export.graph import InitializerSpec, QuantizedPart
-from sc2deploy.export.rewrite import initializer_value
+from sc2deploy.export.graph import InitializerSpec, QuantizedPart, initializer_value
 
 if TYPE_CHECKING:
     import onnx_ir as ir

@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sc2deploy.config import Config
-from sc2deploy.contract import (DTYPE_OF_ONNX, LOGITS_TO_KEEP, QUANT_DOMAIN, STORED_ONNX_DTYPES, attention_domain,
-                                graph_io)
-from sc2deploy.export.graph import IR_VERSION, OPSET, ExportGraph, InitializerSpec
+from sc2deploy.contract import DTYPE_OF_ONNX, LOGITS_TO_KEEP, QUANT_DOMAIN, attention_domain, graph_io
+from sc2deploy.export.graph import IR_VERSION, OPSET, ExportGraph, InitializerSpec, initializer_value, placeholder
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -131,24 +130,6 @@ def _folded(node: ir.Node, src: InitializerSpec) -> InitializerSpec | None:
         dtype = DTYPE_OF_ONNX[node.attributes["to"].as_int()]
         return InitializerSpec(f"{src.name}.{dtype}", src.origin, dtype, src.shape, src.transpose)
     return None
-
-
-def placeholder(spec: InitializerSpec) -> ir.LazyTensor:
-    """A tensor of `spec`'s type and shape whose bytes are not known yet (weights.py supplies them)."""
-    import onnx_ir as ir
-
-    def unbound() -> ir.TensorProtocol:
-        raise AssertionError(f"initializer {spec.name} was read before its weights were attached")
-
-    return ir.LazyTensor(unbound, dtype=ir.DataType(STORED_ONNX_DTYPES[spec.dtype]), shape=ir.Shape(spec.shape),
-                         name=spec.name)
-
-
-def initializer_value(spec: InitializerSpec) -> ir.Value:
-    import onnx_ir as ir
-
-    tensor = placeholder(spec)
-    return ir.Value(name=spec.name, shape=ir.Shape(spec.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
 
 
 def _dtype_name(dtype) -> str:
