@@ -130,8 +130,14 @@ def test_churn_of_cancels_and_deadlines(make_server):
             t.join(120)
         running.wait_idle()
         registry = running.server.metrics.registry
-        for code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED"):
-            counted = registry.get_sample_value("sc2deploy_requests_total", {"method": "CompleteStream", "code": code})
-            assert (counted or 0) == seen.count(code), (code, counted, sorted(seen))
+        counted = {code: registry.get_sample_value("sc2deploy_requests_total",
+                                                   {"method": "CompleteStream", "code": code}) or 0
+                   for code in ("OK", "CANCELLED", "DEADLINE_EXCEEDED")}
+        assert sum(counted.values()) == len(seen) == 48, (counted, sorted(seen))
+        assert counted["CANCELLED"] == seen.count("CANCELLED"), (counted, sorted(seen))
+        # A stream whose last chunk is in flight when the client's 0.3 s deadline passes ends OK on the server and
+        # DEADLINE_EXCEEDED on the client (seen under load): the only way the two counts may part.
+        moved = counted["OK"] - seen.count("OK")
+        assert 0 <= moved == seen.count("DEADLINE_EXCEEDED") - counted["DEADLINE_EXCEEDED"], (counted, sorted(seen))
         assert set(seen) <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}
         assert running.client.complete(make_request("x = ", max_tokens=2), timeout=30).usage.completion_tokens == 2
