@@ -38,8 +38,8 @@ def save_model(graph: ExportGraph, source, path: Path, progress: Callable[[int],
     sha256."""
     reader, writer = _SourceReader(source), _HashingWriter(progress)
     model = graph.model
-    _attach(model.graph, graph.initializers, source.names(), reader, writer)
     try:
+        _attach(model.graph, graph.initializers, source.names(), reader, writer)
         ir.save(model, path, external_data=DATA_FILE, size_threshold_bytes=INLINE_BYTES - 1,
                 callback=writer.before_tensor, alignment=ALIGNMENT, align_threshold=0)
     finally:
