@@ -114,17 +114,14 @@ def run(args) -> int:
         stage.end()
     stop_ids = tokenizer.fim_stop_token_ids if args.fim_prefix is not None else tokenizer.stop_token_ids
     result = generate(runtime, tokenizer, ids, params, stop_ids)
+    scheme = runtime.quantization
     if args.json:
-        scheme = getattr(runtime, "quantization", None)
         print_json({**result.to_dict(), "backend": runtime.name, "dtype": runtime.dtype,
                     "quantization": scheme.to_manifest() if scheme else None})
     else:
         sys.stdout.write(result.text + "\n")
         notice(f"[{result.finish_reason}; {len(result.output_ids)} tokens; prefill {result.prefill_ms:.1f} ms; "
-               f"decode {result.decode_tokens_per_s:.1f} tok/s; {runtime.name} {runtime.dtype}{_quantized(runtime)}]")
+               f"decode {result.decode_tokens_per_s:.1f} tok/s; {runtime.name} {runtime.dtype}"
+               f"{' ' + scheme.name if scheme else ''}]")
     return 0
 
-
-def _quantized(runtime) -> str:
-    scheme = getattr(runtime, "quantization", None)
-    return f" {scheme.name}" if scheme else ""

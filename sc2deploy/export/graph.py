@@ -83,6 +83,14 @@ def initializer_value(spec: InitializerSpec) -> ir.Value:
 
 
 
+def drop_unused_initializers(graph: ir.Graph, specs: dict[str, InitializerSpec]) -> list[InitializerSpec]:
+    """Remove the initializers no node uses (a graph input's default stays); the specs of those left, in order."""
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_input():
+            graph.initializers.pop(name)
+    return [specs[name] for name in graph.initializers if name in specs]
+
+
 def trace_model(config: Config, dtype: str, target: str) -> ir.Model:
     """The reference model traced by torch.onnx.export(dynamo=True): an onnx_ir Model with meta initializers."""
     import torch

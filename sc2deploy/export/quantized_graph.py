@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sc2deploy.contract import QUANT_DOMAIN
-from sc2deploy.export.graph import InitializerSpec, QuantizedPart, initializer_value
+from sc2deploy.export.graph import InitializerSpec, QuantizedPart, drop_unused_initializers, initializer_value
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -61,11 +61,7 @@ def quantize_graph(graph: ir.Graph, specs: list[InitializerSpec], scheme: QuantS
                             name=f"{node.name}/{op}")
         ir.convenience.replace_nodes_and_values(graph, node, replaced, [quantized], replaced[-1].outputs,
                                                 quantized.outputs)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_input():
-            graph.initializers.pop(name)
-            by_name.pop(name, None)
-    return [by_name[name] for name in graph.initializers if name in by_name]
+    return drop_unused_initializers(graph, by_name)
 
 
 def _bias_add(matmul: ir.Node, n: int) -> tuple[ir.Node, ir.Value] | None:

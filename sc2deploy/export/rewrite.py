@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from sc2deploy.config import Config
 from sc2deploy.contract import DTYPE_OF_ONNX, LOGITS_TO_KEEP, QUANT_DOMAIN, attention_domain, graph_io
-from sc2deploy.export.graph import IR_VERSION, OPSET, ExportGraph, InitializerSpec, initializer_value, placeholder
+from sc2deploy.export.graph import (IR_VERSION, OPSET, ExportGraph, InitializerSpec, drop_unused_initializers,
+                                    initializer_value, placeholder)
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -113,10 +114,7 @@ def _fold_initializers(graph: ir.Graph) -> list[InitializerSpec]:
             graph.register_initializer(initializer_value(folded))
         node.outputs[0].replace_all_uses_with(graph.initializers[folded.name])
         graph.remove(node, safe=True)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses():
-            graph.initializers.pop(name)
-    return [specs[name] for name in graph.initializers if name in specs]
+    return drop_unused_initializers(graph, specs)
 
 
 def _folded(node: ir.Node, src: InitializerSpec) -> InitializerSpec | None:

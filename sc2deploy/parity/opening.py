@@ -177,7 +177,7 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
     if shape:
         raise UserError(f"{folder} holds a different model than the reference ({source.description}): "
                         f"{', '.join(shape)}; pass the checkpoint it was made from with --checkpoint DIR")
-    quant = getattr(runtime, "quantization", None)
+    quant = runtime.quantization
     compute = quantized_compute(quant, runtime.dtype) if quant else runtime.dtype
     expected = DequantizedSource(source, quant, runtime.dtype) if quant else source
     stage(f"parity: loading the eager fp32 reference ({expected.description}) ...")

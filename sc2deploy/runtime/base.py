@@ -15,6 +15,7 @@ from torch import Tensor
 
 from sc2deploy.config import Config
 from sc2deploy.errors import UserError
+from sc2deploy.quantization import QuantScheme
 
 
 class Runtime(ABC):
@@ -23,6 +24,7 @@ class Runtime(ABC):
     dtype: str
     max_batch: int
     capacity: int
+    quantization: QuantScheme | None = None  # the weights' block quantization (an `export --quant` artifact)
 
     @abstractmethod
     def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sc2deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, past_name, present_name
+from sc2deploy.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, past_name, present_name
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
 from sc2deploy.runtime.ort_artifact import (NUMPY_DTYPES, PROVIDERS, OrtArtifact, choose_provider, load_ort_artifact,
@@ -72,7 +72,7 @@ class OrtRuntime(Runtime):
         self.session = ort_session(artifact.model_path, self.provider, threads, optimization)
         # An input with a default (an overridable initializer): IOBinding takes it as an OrtValue only.
         self._logits_to_keep = None
-        if any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers()):
+        if any(i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers()):
             import onnxruntime as ort
 
             self._logits_to_keep = {k: ort.OrtValue.ortvalue_from_numpy(np.asarray([k], dtype=np.int64)) for k in (0, 1)}
@@ -229,7 +229,7 @@ class OrtRuntime(Runtime):
         c = self.config
         io = self.session.io_binding()
         if self._logits_to_keep is not None:
-            io.bind_ortvalue_input("logits_to_keep", self._logits_to_keep[keep])
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, self._logits_to_keep[keep])
         if logits is not None:
             io.bind_output(LOGITS, "cpu", 0, self._np_dtype, list(logits.shape), logits.ctypes.data)
         else:
