@@ -9,13 +9,18 @@ Prompt conventions (control tokens are always inserted by id, never parsed out o
               <file_sep>{path}\\n<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>      (one line, no break)
 Each text piece between control tokens is encoded on its own, so prompt ids equal the concatenation of
 those encodings (and equal Hugging Face's encoding of the prompt string when the text holds no special tokens).
+
+Over-long FIM and repo-level prompts can be trimmed to a token budget (`Tokenizer.fit_prompt_ids`), keeping the
+text nearest the cursor; a plain prompt is never trimmed.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Encoding
 from tokenizers import Tokenizer as _HFTokenizer
 
 from sc2deploy.errors import UserError
@@ -32,6 +37,15 @@ _CHUNK_CHARS, _MIN_CHUNK_CHARS = 1 << 16, 1 << 12
 
 class PromptTooLong(UserError):
     """More tokens than the caller's limit; raised before the whole text is tokenized."""
+
+
+@dataclass(frozen=True)
+class Trimmed:
+    """What `Tokenizer.fit_prompt_ids` dropped from a prompt to fit its budget (characters are code points)."""
+
+    prefix_chars: int  # cut from the start of the prefix (the current file's code before the cursor)
+    suffix_chars: int  # cut from the end of the suffix
+    context_files: int  # whole context files dropped from the front of the list
 
 
 def packaged_tokenizer_path() -> Path:
@@ -72,6 +86,32 @@ def _repo_parts(repo_name: str | None, files: Sequence[tuple[str, str]], suffix:
         else:
             parts += [("special", FILE_SEP), ("text", f"{path}\n{code}")]
     return parts
+
+
+def trimmable(suffix: str | None, repo_name: str | None, context_files: Sequence[object]) -> bool:
+    """FIM (a suffix) and repo-level context (a repo name or context files) may be trimmed; plain text may not."""
+    return suffix is not None or repo_name is not None or bool(context_files)
+
+
+def _prompt_parts(prefix: str, suffix: str | None, repo_name: str | None, context_files: Sequence[tuple[str, str]],
+                  path: str | None):
+    """Pieces of a plain, FIM (suffix not None) and/or repo-level (path set) prompt; see the module docstring."""
+    if path is not None:
+        return _repo_parts(repo_name, [*context_files, (path, prefix)], suffix)
+    if repo_name is not None or context_files:
+        raise ValueError("repo-level context needs the path of the file being completed")
+    if suffix is None:
+        return [("text", prefix)]
+    return [("special", FIM_PREFIX), ("text", prefix), ("special", FIM_SUFFIX), ("text", suffix),
+            ("special", FIM_MIDDLE)]
+
+
+def _char_start(offsets: Sequence[tuple[int, int]], i: int, end: int) -> int:
+    """Where the first character whose tokens all come at or after token `i` starts (`end` if none does).
+    The tokens of a character split across tokens overlap: each spans the whole character."""
+    while i < len(offsets) and offsets[i][0] < offsets[i - 1][1]:
+        i += 1
+    return offsets[i][0] if i < len(offsets) else end
 
 
 def find_stop(text: str, stop_strings: Iterable[str]) -> tuple[str, str | None]:
@@ -188,13 +228,112 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def fim_prompt_ids(self, prefix: str, suffix: str, *, limit: int | None = None) -> list[int]:
-        return self._join([("special", FIM_PREFIX), ("text", prefix), ("special", FIM_SUFFIX), ("text", suffix),
-                           ("special", FIM_MIDDLE)], limit)
+        return self._join(_prompt_parts(prefix, suffix, None, (), None), limit)
 
     def repo_prompt_ids(self, repo_name: str | None, files: Sequence[tuple[str, str]], *,
                         suffix: str | None = None, limit: int | None = None) -> list[int]:
         """Ids of `repo_prompt(repo_name, files, suffix=suffix)`, user text never parsed for control tokens."""
         return self._join(_repo_parts(repo_name, files, suffix), limit)
+
+    def fit_prompt_ids(self, prefix: str, suffix: str | None = None, *, budget: int, trim: bool = True,
+                       repo_name: str | None = None, context_files: Sequence[tuple[str, str]] = (),
+                       path: str | None = None) -> tuple[list[int], Trimmed | None]:
+        """Ids of at most `budget` tokens for the prompt `encode` (neither suffix nor path), `fim_prompt_ids`
+        (a suffix) or `repo_prompt_ids` (the file `path` with code `prefix` after `context_files`) builds, and
+        what was dropped to fit (None: nothing).
+
+        Without `trim`, or for a plain prompt (no suffix, repo name or context files): PromptTooLong past the
+        budget. Otherwise the control tokens, the repo name (a few tokens saying where every file comes from)
+        and the path line are kept (UserError if they leave no token for code); the end of the prefix and the
+        start of the suffix share what is left about 3:1, what one side does not need going to the other; then
+        context files fill the rest, whole, the last ones (most relevant) first. Kept text is a character-level
+        cut encoded on its own: the ids are the builders' ids of the kept texts. Over-long text is tokenized
+        only up to about what the budget can hold.
+        """
+        def build(prefix: str, suffix: str | None, files: Sequence[tuple[str, str]], limit: int | None = None):
+            return self._join(_prompt_parts(prefix, suffix, repo_name, files, path), limit)
+
+        try:
+            return build(prefix, suffix, context_files, budget), None
+        except PromptTooLong:
+            if not (trim and trimmable(suffix, repo_name, context_files)):
+                raise
+        frame = len(build("", None if suffix is None else "", ()))
+        if frame >= budget:
+            raise UserError(f"the prompt's control tokens, repo name and file path ({frame} tokens) leave no room "
+                            f"for code within {budget} tokens; shorten the repo name or file path, or ask for "
+                            f"fewer tokens")
+        prefix_room, suffix_room = self._split(prefix, suffix, budget - frame)
+        while True:  # only a repo-level prompt without FIM can overshoot: its path line and code are one text
+            kept_prefix = self._keep(prefix, prefix_room, end=True)
+            kept_suffix = None if suffix is None else self._keep(suffix, suffix_room, end=False)
+            ids = build(kept_prefix, kept_suffix, ())
+            if len(ids) <= budget:
+                break
+            prefix_room -= len(ids) - budget
+        files = self._last_files(context_files, budget - len(ids))
+        trimmed = Trimmed(len(prefix) - len(kept_prefix), len(suffix or "") - len(kept_suffix or ""),
+                          len(context_files) - len(files))
+        return build(kept_prefix, kept_suffix, files), trimmed
+
+    def _split(self, prefix: str, suffix: str | None, room: int) -> tuple[int, int]:
+        """Tokens for the prefix and for the suffix out of `room`: about 3:1, or what the shorter side needs."""
+        if suffix is None:
+            return room, 0
+        prefix_share = room - room // 4
+        need = self._count(prefix, prefix_share)
+        if need is not None:
+            return need, room - need
+        need = self._count(suffix, room - prefix_share)
+        if need is not None:
+            return room - need, need
+        return prefix_share, room - prefix_share
+
+    def _count(self, text: str, limit: int) -> int | None:
+        """How many tokens `text` encodes to, or None past `limit`."""
+        try:
+            return len(self.encode(text, limit=limit))
+        except PromptTooLong:
+            return None
+
+    def _keep(self, text: str, tokens: int, *, end: bool) -> str:
+        """About the longest tail (`end`) or head of `text` that encodes on its own to at most `tokens` tokens."""
+        piece, encoding = self._window(text, tokens, end=end)
+        count = len(encoding.ids)
+        while tokens > 0:
+            if count <= tokens:
+                kept = piece
+            elif end:
+                kept = piece[_char_start(encoding.offsets, count - tokens, len(piece)):]
+            else:
+                kept = piece[:encoding.offsets[tokens][0]]
+            over = len(self.encode(kept)) - tokens  # a cut text may encode to more tokens than its share
+            if over <= 0:
+                return kept
+            tokens -= over
+        return ""
+
+    def _window(self, text: str, tokens: int, *, end: bool) -> tuple[str, Encoding]:
+        """The tail (`end`) or head of `text` to cut from, and its encoding: all of `text`, or a slice that holds
+        more than `tokens` tokens. Slices start at four characters a token and grow to the most that `tokens`
+        tokens can span, so a huge text is never tokenized whole."""
+        most = (tokens + 1) * self.max_token_bytes  # a character is at least one byte
+        size = min(most, max(_MIN_CHUNK_CHARS, 4 * (tokens + 1)))
+        while True:
+            piece = text[max(0, len(text) - size):] if end else text[:size]
+            encoding = self._plain.encode_batch([piece], add_special_tokens=False)[0]
+            if len(encoding.ids) > tokens or len(piece) == len(text) or size >= most:
+                return piece, encoding
+            size = min(most, 4 * size)
+
+    def _last_files(self, files: Sequence[tuple[str, str]], tokens: int) -> Sequence[tuple[str, str]]:
+        """The longest tail of `files` whose repo-prompt pieces take at most `tokens` tokens."""
+        for start in range(len(files), 0, -1):
+            try:
+                tokens -= len(self._join(_repo_parts(None, files[start - 1:start], None), tokens))
+            except PromptTooLong:
+                return files[start:]
+        return files
 
     def _join(self, parts: Iterable[tuple[str, str]], limit: int | None) -> list[int]:
         """Ids of ("special", token) / ("text", text) parts; PromptTooLong past `limit` tokens (see encode)."""

@@ -34,7 +34,7 @@ def non_negative_int(text: str) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve completions over gRPC (streaming, FIM, continuous batching)",
+        "serve", help="serve completions over gRPC and HTTP (streaming, FIM, continuous batching)",
         description="Serve StarCoder2 completions over gRPC: the sc2deploy.v1.CompletionService (Complete, "
                     "CompleteStream, GetModelInfo), the standard grpc.health.v1 health service and server "
                     "reflection. Concurrent requests share decode steps (continuous batching over --max-batch "
@@ -48,15 +48,17 @@ def register(subparsers) -> None:
                "  sc2deploy serve --checkpoint ckpt/starcoder2-15b --backend cuda --dtype bf16 --max-batch 32\n"
                "  sc2deploy serve --artifact out/3b-ort --backend ort --max-batch 16 --metrics-port 9090 \\\n"
                "      --tls-cert server.crt --tls-key server.key --api-key-file keys.txt\n"
-               "then: sc2deploy complete --server localhost:50051 'def fib(n):'\n\n"
+               "  sc2deploy serve --artifact out/3b-ort --http-port 8080   # OpenAI and llama.cpp HTTP APIs too\n"
+               "then: sc2deploy complete --server localhost:50051 'def fib(n):'\n"
+               "  or: curl localhost:8080/v1/completions -d '{\"model\": \"starcoder2-3b\", \"prompt\": \"def fib(n):\"}'\n\n"
                "environment:\n"
                f"  every option can be set as {PREFIX}<OPTION> (upper case, dashes as underscores), e.g. in a "
                "container:\n"
                f"    {PREFIX}MAX_BATCH=16 {PREFIX}API_KEY_FILE=/run/secrets/keys sc2deploy serve --artifact /models/a\n"
                "  an option on the command line wins; an empty variable is unset; switches take 1 or 0\n\n"
                "output:\n"
-               "  --json prints one JSON line on stdout once listening (host, port, tls, metrics_port, backend, dtype,\n"
-               "  max_batch, max_queue, context); --log-format json makes every stderr line a JSON object, and each\n"
+               "  --json prints one JSON line on stdout once listening (host, port, tls, metrics_port, http_port,\n"
+               "  model_name, backend, dtype, max_batch, max_queue, context); --log-format json makes every stderr line a JSON object, and each\n"
                "  call's lines carry its request id (the client's x-request-id, or a new one, returned as trailing\n"
                "  metadata x-request-id)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +88,13 @@ def register(subparsers) -> None:
                      help="serve Prometheus metrics on http(s)://HOST:N/metrics, with the same TLS and API key as "
                           "the gRPC port")
     net.add_argument("--metrics-host", metavar="HOST", help="address of the metrics endpoint (default: --host)")
+    net.add_argument("--http-port", type=non_negative_int, metavar="N",
+                     help="also serve HTTP on this port: OpenAI's POST /v1/completions (suffix = fill-in-the-middle) "
+                          "and GET /v1/models, llama.cpp's POST /infill, GET /health and GET /metrics; same scheduler, "
+                          "limits, API key and TLS as gRPC")
+    net.add_argument("--http-host", metavar="HOST", help="address of the HTTP port (default: --host)")
+    net.add_argument("--model-name", metavar="NAME",
+                     help="the model id of the HTTP APIs (default: starcoder2-<size>, or the weights' folder name)")
     net.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
                      help="how long a call may take to send its request message before DEADLINE_EXCEEDED "
                           "(default 30)")
@@ -102,6 +111,10 @@ def register(subparsers) -> None:
     sched.add_argument("--context", type=positive_int, metavar="N",
                        help="prompt + max_tokens limit per request (default: the model's context); a smaller one "
                             "shrinks each slot's KV cache when the model's window is larger")
+    sched.add_argument("--refuse-long-prompts", action="store_true",
+                       help="refuse a fill-in-the-middle or repo-level prompt that does not fit the context instead "
+                            "of trimming it (by default the text farthest from the cursor and the least relevant "
+                            "context files are dropped, and the response says how much)")
     sched.add_argument("--default-max-tokens", type=positive_int, default=128, metavar="N",
                        help="max_tokens of requests that leave it unset (default 128)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
@@ -165,7 +178,7 @@ def _serve(args) -> int:
     folder = args.checkpoint or args.artifact or args.engine
     if folder is not None and (Path(folder) / "config.json").is_file():
         Config.load(folder)  # a bad config.json fails now, before the serving stack is imported
-    missing = [name for name in ("grpc", "grpc_health", "grpc_reflection", "prometheus_client")
+    missing = [name for name in ("grpc", "grpc_health", "grpc_reflection", "prometheus_client", "starlette", "uvicorn")
                if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"serving needs the `serve` extra ({missing[0]} is missing): pip install 'sc2deploy[serve]'")
@@ -188,7 +201,8 @@ def _serve(args) -> int:
         host=args.host, port=args.port, max_queue=args.max_queue, prefill_tokens=args.prefill_tokens,
         context_length=args.context, default_max_tokens=args.default_max_tokens,
         max_message_bytes=args.max_message_mb << 20, read_timeout=args.read_timeout,
-        metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, http_port=args.http_port,
+        http_host=args.http_host, model_name=args.model_name, trim_prompts=not args.refuse_long_prompts,
         tls_cert=_read(args.tls_cert, "--tls-cert"), tls_key=_read(args.tls_key, "--tls-key"),
         api_keys=read_api_keys(args.api_key_file) if args.api_key_file else None)
     # Check what can be checked before loading the model (minutes for a large one).
@@ -197,6 +211,8 @@ def _serve(args) -> int:
     check_bindable(options.host, options.port, "--port")
     if options.metrics_port is not None:
         check_bindable(options.metrics_host or options.host, options.metrics_port, "--metrics-port")
+    if options.http_port is not None:
+        check_bindable(options.http_host or options.host, options.http_port, "--http-port")
     runtime, tokenizer, where = open_model(args)
     options.source = where
     server = CompletionServer(runtime, tokenizer, options)
@@ -212,10 +228,13 @@ def _serve(args) -> int:
     scheme = "TLS" if options.tls_cert else "plaintext"
     notice(f"sc2deploy serve: listening on {args.host}:{port} ({scheme}; {runtime.name} {runtime.dtype}, "
            f"max batch {runtime.max_batch}, queue {args.max_queue}, context {server.limits.context_length}"
-           + (f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else "") + ")")
+           + (f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else "")
+           + (f"; HTTP on :{server.http_port} as model {server.model_name}" if server.http_port is not None else "")
+           + ")")
     if args.json:
         print(json.dumps({"host": args.host, "port": port, "tls": options.tls_cert is not None,
-                          "metrics_port": server.metrics_port, "backend": runtime.name, "dtype": runtime.dtype,
+                          "metrics_port": server.metrics_port, "http_port": server.http_port,
+                          "model_name": server.model_name, "backend": runtime.name, "dtype": runtime.dtype,
                           "max_batch": runtime.max_batch, "max_queue": args.max_queue,
                           "context": server.limits.context_length, "source": where, "pid": os.getpid()}), flush=True)
     while not stop.wait(0.5):

@@ -1,7 +1,8 @@
 """CompleteRequest -> Job: the exact prompt ids, sampling parameters and stop tokens, or a UserError.
 
 Every rule that makes a request INVALID_ARGUMENT lives here; the prompt is built with the same
-tokenizer calls as `sc2deploy generate`, so a request and the equivalent command give the same ids.
+tokenizer calls as `sc2deploy generate`, so a request and the equivalent command give the same ids
+(unless an over-long FIM or repo-level prompt was trimmed, which `Job.trimmed` reports).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sc2deploy.errors import UserError
 from sc2deploy.generation import check_fits
 from sc2deploy.sampling import SamplingParams
 from sc2deploy.serving.v1 import completion_pb2 as pb
-from sc2deploy.tokenizer import PromptTooLong, Tokenizer
+from sc2deploy.tokenizer import PromptTooLong, Tokenizer, Trimmed, trimmable
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Limits:
     max_logprobs: int = 20
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string
+    trim: bool = True  # over-long FIM and repo-level prompts are trimmed (Tokenizer.fit_prompt_ids), not refused
 
 
 @dataclass
@@ -29,11 +31,19 @@ class Job:
     params: SamplingParams
     stop_ids: frozenset[int]
     logprobs: int = 0
+    trimmed: Trimmed | None = None  # what trimming dropped from the prompt; None when nothing was
 
 
-def build_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits) -> Job:
-    """Validate `request` and build its prompt; raises UserError with a message for the client."""
-    if not request.prompt and not request.suffix:
+def build_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits,
+              prompt_tokens: list[int] | None = None, fim: bool | None = None) -> Job:
+    """Validate `request` and build its prompt; raises UserError with a message for the client.
+
+    `prompt_tokens` (ids in the vocabulary) stand for the prompt text: sent as is, or as the FIM prefix. `fim`
+    forces (or forbids) fill-in-the-middle; by default a non-empty suffix asks for it."""
+    fim = bool(request.suffix) if fim is None else fim
+    if prompt_tokens is not None:
+        return _job_from_ids(request, tokenizer, limits, prompt_tokens, fim)
+    if not request.prompt and not fim:
         raise UserError("prompt is empty; send the code before the cursor (and suffix for fill-in-the-middle)")
     if len(request.stop) > limits.max_stop:
         raise UserError(f"{len(request.stop)} stop strings; at most {limits.max_stop} are allowed")
@@ -45,12 +55,41 @@ def build_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits)
     if asked >= limits.context_length:
         raise UserError(f"max_tokens {asked} leaves no room for a prompt in the model's context of "
                         f"{limits.context_length} tokens; ask for fewer tokens")
-    room = limits.context_length - max(asked, 1)
-    try:  # stops tokenizing once the prompt cannot fit: a 4 MiB prompt is refused after about `room` tokens
-        ids = prompt_ids(request, tokenizer, limit=room)
+    suffix = request.suffix if fim else None
+    trim = limits.trim and trimmable(suffix, request.repo_name or None, request.context_files)
+    room = limits.context_length - completion_room(request, limits, trim)
+    try:  # tokenizes about `room` tokens of a prompt that cannot fit: a 4 MiB one is refused or trimmed at once
+        ids, trimmed = prompt_ids(request, tokenizer, room, suffix, trim=trim)
     except PromptTooLong as e:
         raise UserError(f"{e}, more than the model's context of {limits.context_length} tokens leaves beside "
                         f"max_tokens; shorten the prompt or ask for fewer tokens") from None
+    return _finish_job(request, tokenizer, limits, ids, fim, trimmed)
+
+
+def _job_from_ids(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits, tokens: list[int],
+                  fim: bool) -> Job:
+    """A Job whose prompt (or FIM prefix) is given as token ids; never trimmed."""
+    if not tokens:
+        raise UserError("the prompt holds no token ids; send at least one")
+    if min(tokens) < 0 or max(tokens) >= tokenizer.vocab_size:
+        raise UserError(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
+    if request.repo_name or request.file_path or request.context_files:
+        raise UserError("a prompt of token ids cannot take repo-level context; send the prompt as text")
+    ids = list(tokens)
+    if fim:
+        ids = ([tokenizer.fim_prefix_id] + ids + [tokenizer.fim_suffix_id] + tokenizer.encode(request.suffix)
+               + [tokenizer.fim_middle_id])
+    room = limits.context_length - completion_room(request, limits, False)
+    if len(ids) > room:
+        raise UserError(f"the prompt holds {len(ids)} tokens, more than the model's context of "
+                        f"{limits.context_length} tokens leaves beside max_tokens; shorten the prompt or ask for "
+                        f"fewer tokens")
+    return _finish_job(request, tokenizer, limits, ids, fim, None)
+
+
+def _finish_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits, ids: list[int], fim: bool,
+                trimmed: Trimmed | None) -> Job:
+    """The Job of a built prompt: sampling parameters and stop tokens."""
     # Unset max_tokens: the default, or what the context leaves after the prompt if that is less.
     max_tokens = (request.max_tokens if request.HasField("max_tokens")
                   else max(1, min(limits.default_max_tokens, limits.context_length - len(ids))))
@@ -58,21 +97,26 @@ def build_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits)
                             top_p=request.top_p if request.HasField("top_p") else 1.0, top_k=request.top_k,
                             seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop))
     check_fits(len(ids), max_tokens, limits.context_length)
-    stop_ids = tokenizer.fim_stop_token_ids if request.suffix else tokenizer.stop_token_ids
-    return Job(ids, params, stop_ids, request.logprobs)
+    stop_ids = tokenizer.fim_stop_token_ids if fim else tokenizer.stop_token_ids
+    return Job(ids, params, stop_ids, request.logprobs, trimmed)
 
 
-def prompt_ids(request: pb.CompleteRequest, tokenizer: Tokenizer, limit: int | None = None) -> list[int]:
-    """The exact prompt: plain, fill-in-the-middle (suffix set), and/or repo-level (file_path set).
+def completion_room(request: pb.CompleteRequest, limits: Limits, trim: bool) -> int:
+    """Tokens the prompt must leave for the completion: max_tokens (at least 1) if set. Unset, a prompt that may
+    be trimmed is trimmed to leave the default max_tokens (at most half the context); others must leave one."""
+    if request.HasField("max_tokens"):
+        return max(request.max_tokens, 1)
+    return max(1, min(limits.default_max_tokens, limits.context_length // 2)) if trim else 1
 
-    PromptTooLong once it surely has more than `limit` tokens."""
-    fim = bool(request.suffix)
-    if request.repo_name or request.file_path or request.context_files:
-        if not request.file_path:
-            raise UserError("repo-level context (repo_name or context_files) needs file_path, the file being completed")
-        files = [(f.path, f.content) for f in request.context_files] + [(request.file_path, request.prompt)]
-        return tokenizer.repo_prompt_ids(request.repo_name or None, files, suffix=request.suffix if fim else None,
-                                         limit=limit)
-    if fim:
-        return tokenizer.fim_prompt_ids(request.prompt, request.suffix, limit=limit)
-    return tokenizer.encode(request.prompt, limit=limit)
+
+def prompt_ids(request: pb.CompleteRequest, tokenizer: Tokenizer, budget: int, suffix: str | None, *,
+               trim: bool = False) -> tuple[list[int], Trimmed | None]:
+    """The exact prompt: plain, fill-in-the-middle (suffix set), and/or repo-level (file_path set), and what
+    was dropped to fit it in `budget` tokens if `trim` (see Tokenizer.fit_prompt_ids).
+
+    PromptTooLong once it surely has more than `budget` tokens (and cannot be trimmed)."""
+    if (request.repo_name or request.context_files) and not request.file_path:
+        raise UserError("repo-level context (repo_name or context_files) needs file_path, the file being completed")
+    return tokenizer.fit_prompt_ids(request.prompt, suffix, budget=budget, trim=trim,
+                                    repo_name=request.repo_name or None, path=request.file_path or None,
+                                    context_files=[(f.path, f.content) for f in request.context_files])

@@ -28,7 +28,7 @@ from sc2deploy.generation import FINISH_CANCELLED, FINISH_STOP, Sequence
 from sc2deploy.runtime.base import Runtime
 from sc2deploy.serving.jobs import Job
 from sc2deploy.serving.metrics import Metrics
-from sc2deploy.tokenizer import Tokenizer
+from sc2deploy.tokenizer import Tokenizer, Trimmed
 
 log = logging.getLogger("sc2deploy.serving")
 
@@ -59,6 +59,7 @@ class Finished:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""
+    trimmed: Trimmed | None = None  # what was dropped from an over-long prompt
 
 
 @dataclass(eq=False)
@@ -71,6 +72,7 @@ class Request:
     request_id: str = ""  # the server's id of the call, for log lines
     slot: int | None = None
     submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
     last_token_at: float | None = None
     cancelled: bool = False  # set by any thread; read by the engine each iteration
     sent_ids: int = 0
@@ -248,6 +250,7 @@ class Scheduler:
         logprobs = [(seq.output_ids[i], *seq.token_logprobs[i]) for i in range(request.sent_logprobs, shown)]
         request.sent_ids, request.sent_logprobs = len(seq.output_ids), shown
         if request.last_token_at is None:
+            request.first_token_at = now
             self.metrics.time_to_first_token.observe(now - request.submitted)
         else:
             self.metrics.inter_token_latency.observe(now - request.last_token_at)
@@ -268,6 +271,7 @@ class Scheduler:
     def _finish(self, request: Request, finished: Finished) -> None:
         finished.prompt_tokens = len(request.job.prompt_ids)
         finished.completion_tokens = len(request.seq.output_ids)
+        finished.trimmed = request.job.trimmed
         if request.slot is not None:
             del self._running[request.slot]
             with self._lock:

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import platform
 import threading
 import time
-from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from importlib import metadata
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,10 +36,12 @@ from sc2deploy.config import PRESETS
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
 from sc2deploy.serving.auth import ApiKeyInterceptor, KeyRing, server_ssl_context
-from sc2deploy.serving.jobs import Limits, build_job
+from sc2deploy.serving.frontend import Call, Frontend, Refused, events
+from sc2deploy.serving.http_api import HttpApi, HttpServer
+from sc2deploy.serving.jobs import Limits
 from sc2deploy.serving.logs import REQUEST_ID_KEY, request_id
 from sc2deploy.serving.metrics import Metrics
-from sc2deploy.serving.scheduler import DEADLINE, Finished, QueueFull, Request, Scheduler, ShuttingDown, Step
+from sc2deploy.serving.scheduler import DEADLINE, Finished, Scheduler, Step
 from sc2deploy.serving.v1 import completion_pb2 as pb
 from sc2deploy.serving.wire import BadRequest, parse_model_info_request, parse_request
 from sc2deploy.tokenizer import Tokenizer
@@ -69,46 +72,30 @@ class ServerOptions:
     api_keys: list[str] | None = None
     metrics_port: int | None = None
     metrics_host: str | None = None  # default: host
+    http_port: int | None = None  # the HTTP front end (OpenAI /v1/completions, llama.cpp /infill); None: off
+    http_host: str | None = None  # default: host
+    model_name: str | None = None  # the HTTP APIs' model id; default: starcoder2-<size>, or the weights' folder name
+    trim_prompts: bool = True  # over-long FIM and repo-level prompts lose the text farthest from the cursor
     source: str = ""  # where the weights came from, for GetModelInfo
-
-
-@dataclass
-class Call:
-    """One call, for its access-log line: method, request id, start, and the tokens it got to."""
-
-    method: str
-    request_id: str
-    started: float = field(default_factory=time.monotonic)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_KEY, self.request_id),)
 
 
 class CompletionServicer:
     """The CompletionService's methods, as coroutines on the server's event loop."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, limits: Limits, info: pb.ModelInfo,
-                 metrics: Metrics, read_timeout: float, max_preparing: int):
-        self.scheduler, self.tokenizer, self.limits, self.info, self.metrics = (scheduler, tokenizer, limits, info,
-                                                                               metrics)
-        self.read_timeout, self.max_preparing = read_timeout, max_preparing
-        self.preparing = 0  # requests being tokenized; touched on the event loop only
-        self.tokenize_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sc2deploy-tokenize")
+    def __init__(self, frontend: Frontend, info: pb.ModelInfo, read_timeout: float):
+        self.frontend, self.info, self.read_timeout = frontend, info, read_timeout
 
     async def GetModelInfo(self, request, context):
         call = self._begin("GetModelInfo", context)
         if isinstance(request, BadRequest):
             await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        self._count(call, "OK")
+        self.frontend.count(call, "OK")
         return self.info
 
     async def Complete(self, requests, context):
         texts, ids, logprobs = [], [], []
-        async with contextlib.aclosing(self._run("Complete", requests, context)) as events:
-            async for event in events:
+        async with contextlib.aclosing(self._run("Complete", requests, context)) as stream:
+            async for event in stream:
                 if isinstance(event, Step):
                     texts.append(event.text)
                     ids += event.token_ids
@@ -120,8 +107,8 @@ class CompletionServicer:
         return pb.CompleteResponse()  # not reached: _run ends with a Finished or raises
 
     async def CompleteStream(self, requests, context):
-        async with contextlib.aclosing(self._run("CompleteStream", requests, context)) as events:
-            async for event in events:
+        async with contextlib.aclosing(self._run("CompleteStream", requests, context)) as stream:
+            async for event in stream:
                 if isinstance(event, Step):
                     yield pb.CompleteChunk(text=event.text, token_ids=event.token_ids,
                                            logprobs=[_logprob(x) for x in event.logprobs])
@@ -139,16 +126,13 @@ class CompletionServicer:
             request = await self._read(call, context)
             if isinstance(request, BadRequest):
                 await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            job = await self._prepare(call, request, context)
-            call.prompt_tokens = len(job.prompt_ids)
             try:
-                handle = self.scheduler.submit(job, deadline, request_id=call.request_id)
-            except QueueFull as e:
-                await self._abort(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-            except ShuttingDown as e:
-                await self._abort(context, call, grpc.StatusCode.UNAVAILABLE, str(e))
+                job = await self.frontend.prepare(request)
+                handle = self.frontend.submit(job, call, deadline)
+            except Refused as e:
+                await self._abort(context, call, e.code, e.message)
             try:
-                async for event in _events(handle):
+                async for event in events(handle):
                     if isinstance(event, Finished):
                         finished = event
                         break
@@ -158,7 +142,7 @@ class CompletionServicer:
                 handle.cancel()  # a no-op once finished; frees the slot if the client went away mid-stream
         except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, or its deadline passed
             expired = deadline is not None and time.monotonic() >= deadline - 0.01
-            self._count(call, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            self.frontend.count(call, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
             raise
         call.prompt_tokens, call.completion_tokens = finished.prompt_tokens, finished.completion_tokens
         if finished.reason == DEADLINE:
@@ -166,7 +150,7 @@ class CompletionServicer:
                               f"the deadline passed after {finished.completion_tokens} tokens")
         if finished.reason == "error":
             await self._abort(context, call, grpc.StatusCode.INTERNAL, finished.error)
-        self._count(call, "OK")
+        self.frontend.count(call, "OK")
         yield finished
 
     async def _read(self, call: Call, context):
@@ -180,69 +164,29 @@ class CompletionServicer:
             await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
         return request
 
-    async def _prepare(self, call: Call, request, context):
-        """The request's Job, built off the event loop; a bounded number at a time."""
-        if self.preparing >= self.max_preparing:
-            await self._abort(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"{self.preparing} requests are being prepared; retry later")
-        self.preparing += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, build_job, request,
-                                                                    self.tokenizer, self.limits)
-        except UserError as e:
-            await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        finally:
-            self.preparing -= 1
-
     @staticmethod
     def _begin(method: str, context) -> Call:
         """The call's record, with the client's x-request-id or a new one, which goes back as trailing metadata."""
         call = Call(method, request_id(context.invocation_metadata()))
-        context.set_trailing_metadata(call.metadata)
+        context.set_trailing_metadata(_trailing(call))
         return call
-
-    def _count(self, call: Call, code: str, detail: str = "") -> None:
-        """Count the call under its final status and write its access-log line."""
-        self.metrics.requests.labels(call.method, code).inc()
-        ms = (time.monotonic() - call.started) * 1000
-        log.info("%s %s in %.1f ms: prompt %d tokens, completion %d tokens%s", call.method, code, ms,
-                 call.prompt_tokens, call.completion_tokens, f" ({detail})" if detail else "",
-                 extra={"request_id": call.request_id, "method": call.method, "code": code,
-                        "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
-                        "duration_ms": round(ms, 3), **({"detail": detail} if detail else {})})
 
     async def _abort(self, context, call: Call, code: grpc.StatusCode, message: str):
         if code == grpc.StatusCode.INTERNAL:
             log.error("%s failed: %s", call.method, message, extra={"request_id": call.request_id})
-        self._count(call, code.name, message[:200])
-        await context.abort(code, message, trailing_metadata=call.metadata)
+        self.frontend.count(call, code.name, message[:200])
+        await context.abort(code, message, trailing_metadata=_trailing(call))
 
 
-async def _events(handle: Request):
-    """The request's events as the engine thread emits them, waking this coroutine through the event loop."""
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-
-    def wake() -> None:
-        try:
-            loop.call_soon_threadsafe(ready.set)
-        except RuntimeError:  # the loop is closed: the server is gone
-            pass
-
-    handle.on_event = wake
-    while True:
-        ready.clear()
-        event = handle.next_event(0)
-        if event is None:
-            await ready.wait()
-            continue
-        yield event
-        if isinstance(event, Finished):
-            return
+def _trailing(call: Call) -> tuple[tuple[str, str], ...]:
+    return ((REQUEST_ID_KEY, call.request_id),)
 
 
 def _usage(finished: Finished) -> pb.Usage:
-    return pb.Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
+    usage = pb.Usage(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
+    if finished.trimmed is not None:
+        usage.trimmed.CopyFrom(pb.PromptTrim(**dataclasses.asdict(finished.trimmed)))
+    return usage
 
 
 def _logprob(entry) -> pb.TokenLogprob:
@@ -257,7 +201,8 @@ def _service_handler(servicer: CompletionServicer) -> grpc.GenericRpcHandler:
 
     A request message longer than the context's tokens at their longest, plus room for stop strings and field
     tags, cannot fit: it is refused before it is parsed."""
-    most = servicer.limits.context_length * servicer.tokenizer.max_token_bytes + REQUEST_OVERHEAD_BYTES
+    frontend = servicer.frontend
+    most = frontend.limits.context_length * frontend.tokenizer.max_token_bytes + REQUEST_OVERHEAD_BYTES
 
     def parse(data: bytes):
         return parse_request(data, most)
@@ -297,6 +242,13 @@ def model_info(runtime: Runtime, options: ServerOptions, limits: Limits) -> pb.M
                         max_logprobs=limits.max_logprobs, versions=versions, source=options.source)
 
 
+def default_model_name(info: pb.ModelInfo) -> str:
+    """starcoder2-<size> for a preset's shape, else the name of the folder the weights came from."""
+    if info.size != "custom":
+        return f"starcoder2-{info.size}"
+    return Path(info.source.rstrip("/")).name or "starcoder2"
+
+
 def context_length(runtime: Runtime, requested: int | None) -> int:
     """The per-request context: the model's, or less; the runtime's cache must hold its window."""
     model = runtime.config.max_position_embeddings
@@ -317,7 +269,7 @@ class CompletionServer:
         self.options = options = options or ServerOptions()
         self.runtime = runtime
         self.limits = Limits(context_length=context_length(runtime, options.context_length),
-                             default_max_tokens=options.default_max_tokens)
+                             default_max_tokens=options.default_max_tokens, trim=options.trim_prompts)
         self.keys = KeyRing(options.api_keys) if options.api_keys else None
         self.tls = None
         if options.tls_cert is not None or options.tls_key is not None:
@@ -328,9 +280,14 @@ class CompletionServer:
         self.scheduler = Scheduler(runtime, tokenizer, max_queue=options.max_queue,
                                    prefill_tokens=options.prefill_tokens, metrics=self.metrics)
         self.info = model_info(runtime, options, self.limits)
-        self.servicer = CompletionServicer(self.scheduler, tokenizer, self.limits, self.info, self.metrics,
-                                           read_timeout=options.read_timeout,
-                                           max_preparing=runtime.max_batch + options.max_queue)
+        self.frontend = Frontend(self.scheduler, tokenizer, self.limits, self.metrics,
+                                 max_preparing=runtime.max_batch + options.max_queue)
+        self.servicer = CompletionServicer(self.frontend, self.info, read_timeout=options.read_timeout)
+        self.model_name = options.model_name or default_model_name(self.info)
+        self.http_api = HttpApi(self.frontend, self.model_name, self.keys, options.max_message_bytes,
+                                options.read_timeout)
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None
         self.health = health.aio.HealthServicer()
         self.loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="sc2deploy-grpc", daemon=True)
@@ -392,6 +349,10 @@ class CompletionServer:
             raise UserError(f"cannot listen on {address}: the port is taken or the host is not an address of this "
                             f"machine; choose another --port or --host")
         await server.start()
+        if o.http_port is not None:
+            self.http = HttpServer(self.http_api, o.http_host or o.host, o.http_port, self.tls)
+            await self.http.start()
+            self.http_port = self.http.port
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return port
@@ -401,16 +362,19 @@ class CompletionServer:
         in-flight requests may finish for `grace` seconds, then the rest end with finish reason CANCELLED."""
         if self.loop.is_closed():
             return
+        self.http_api.draining = True
         if self.server is not None:
             self._call(self.health.enter_graceful_shutdown())
         self.scheduler.close()
         if not self.scheduler.wait_idle(grace):
             self.scheduler.cancel_all()  # streams still open get a last chunk with finish reason CANCELLED
             self.scheduler.wait_idle(1.0)
+        if self.http is not None:
+            self._call(self.http.stop())
         if self.server is not None:
             self._call(self.server.stop(1.0))  # the last chunks go out; then the port closes
         self.scheduler.stop()
-        self.servicer.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        self.frontend.close()
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()

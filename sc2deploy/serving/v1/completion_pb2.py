@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsc2deploy/v1/completion.proto\x12\x0csc2deploy.v1\"\xaf\x02\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x11\n\trepo_name\x18\n \x01(\t\x12\x11\n\tfile_path\x18\x0b \x01(\t\x12\x30\n\rcontext_files\x18\x0c \x03(\x0b\x32\x19.sc2deploy.v1.ContextFileB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43ontextFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.sc2deploy.v1.TopLogprob\"\xcf\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.sc2deploy.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.sc2deploy.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.sc2deploy.v1.TokenLogprob\"\xcc\x01\n\rCompleteChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.sc2deploy.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.sc2deploy.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.sc2deploy.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xdf\x02\n\tModelInfo\x12\x0c\n\x04size\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x0e\n\x06window\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x16\n\x0enum_parameters\x18\x07 \x01(\x04\x12\x11\n\tmax_batch\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\n \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x0b \x01(\r\x12\x37\n\x08versions\x18\x0c \x03(\x0b\x32%.sc2deploy.v1.ModelInfo.VersionsEntry\x12\x0e\n\x06source\x18\r \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xfa\x01\n\x11\x43ompletionService\x12I\n\x08\x43omplete\x12\x1d.sc2deploy.v1.CompleteRequest\x1a\x1e.sc2deploy.v1.CompleteResponse\x12N\n\x0e\x43ompleteStream\x12\x1d.sc2deploy.v1.CompleteRequest\x1a\x1b.sc2deploy.v1.CompleteChunk0\x01\x12J\n\x0cGetModelInfo\x12!.sc2deploy.v1.GetModelInfoRequest\x1a\x17.sc2deploy.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsc2deploy/v1/completion.proto\x12\x0csc2deploy.v1\"\xaf\x02\n\x0f\x43ompleteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0e\n\x06suffix\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x10\n\x08logprobs\x18\t \x01(\x05\x12\x11\n\trepo_name\x18\n \x01(\t\x12\x11\n\tfile_path\x18\x0b \x01(\t\x12\x30\n\rcontext_files\x18\x0c \x03(\x0b\x32\x19.sc2deploy.v1.ContextFileB\r\n\x0b_max_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\",\n\x0b\x43ontextFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"d\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12)\n\x07trimmed\x18\x03 \x01(\x0b\x32\x18.sc2deploy.v1.PromptTrim\"O\n\nPromptTrim\x12\x14\n\x0cprefix_chars\x18\x01 \x01(\r\x12\x14\n\x0csuffix_chars\x18\x02 \x01(\r\x12\x15\n\rcontext_files\x18\x03 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.sc2deploy.v1.TopLogprob\"\xcf\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.sc2deploy.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.sc2deploy.v1.Usage\x12,\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1a.sc2deploy.v1.TokenLogprob\"\xcc\x01\n\rCompleteChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.sc2deploy.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.sc2deploy.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.sc2deploy.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xdf\x02\n\tModelInfo\x12\x0c\n\x04size\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x0e\n\x06window\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x16\n\x0enum_parameters\x18\x07 \x01(\x04\x12\x11\n\tmax_batch\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\n \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x0b \x01(\r\x12\x37\n\x08versions\x18\x0c \x03(\x0b\x32%.sc2deploy.v1.ModelInfo.VersionsEntry\x12\x0e\n\x06source\x18\r \x01(\t\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xfa\x01\n\x11\x43ompletionService\x12I\n\x08\x43omplete\x12\x1d.sc2deploy.v1.CompleteRequest\x1a\x1e.sc2deploy.v1.CompleteResponse\x12N\n\x0e\x43ompleteStream\x12\x1d.sc2deploy.v1.CompleteRequest\x1a\x1b.sc2deploy.v1.CompleteChunk0\x01\x12J\n\x0cGetModelInfo\x12!.sc2deploy.v1.GetModelInfoRequest\x1a\x17.sc2deploy.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_VERSIONSENTRY']._loaded_options = None
   _globals['_MODELINFO_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1392
-  _globals['_FINISHREASON']._serialized_end=1539
+  _globals['_FINISHREASON']._serialized_start=1516
+  _globals['_FINISHREASON']._serialized_end=1663
   _globals['_COMPLETEREQUEST']._serialized_start=48
   _globals['_COMPLETEREQUEST']._serialized_end=351
   _globals['_CONTEXTFILE']._serialized_start=353
   _globals['_CONTEXTFILE']._serialized_end=397
   _globals['_USAGE']._serialized_start=399
-  _globals['_USAGE']._serialized_end=456
-  _globals['_TOPLOGPROB']._serialized_start=458
-  _globals['_TOPLOGPROB']._serialized_end=505
-  _globals['_TOKENLOGPROB']._serialized_start=507
-  _globals['_TOKENLOGPROB']._serialized_end=595
-  _globals['_COMPLETERESPONSE']._serialized_start=598
-  _globals['_COMPLETERESPONSE']._serialized_end=805
-  _globals['_COMPLETECHUNK']._serialized_start=808
-  _globals['_COMPLETECHUNK']._serialized_end=1012
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1014
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1035
-  _globals['_MODELINFO']._serialized_start=1038
-  _globals['_MODELINFO']._serialized_end=1389
-  _globals['_MODELINFO_VERSIONSENTRY']._serialized_start=1342
-  _globals['_MODELINFO_VERSIONSENTRY']._serialized_end=1389
-  _globals['_COMPLETIONSERVICE']._serialized_start=1542
-  _globals['_COMPLETIONSERVICE']._serialized_end=1792
+  _globals['_USAGE']._serialized_end=499
+  _globals['_PROMPTTRIM']._serialized_start=501
+  _globals['_PROMPTTRIM']._serialized_end=580
+  _globals['_TOPLOGPROB']._serialized_start=582
+  _globals['_TOPLOGPROB']._serialized_end=629
+  _globals['_TOKENLOGPROB']._serialized_start=631
+  _globals['_TOKENLOGPROB']._serialized_end=719
+  _globals['_COMPLETERESPONSE']._serialized_start=722
+  _globals['_COMPLETERESPONSE']._serialized_end=929
+  _globals['_COMPLETECHUNK']._serialized_start=932
+  _globals['_COMPLETECHUNK']._serialized_end=1136
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1138
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1159
+  _globals['_MODELINFO']._serialized_start=1162
+  _globals['_MODELINFO']._serialized_end=1513
+  _globals['_MODELINFO_VERSIONSENTRY']._serialized_start=1466
+  _globals['_MODELINFO_VERSIONSENTRY']._serialized_end=1513
+  _globals['_COMPLETIONSERVICE']._serialized_start=1666
+  _globals['_COMPLETIONSERVICE']._serialized_end=1916
 # @@protoc_insertion_point(module_scope)

@@ -57,12 +57,24 @@ class ContextFile(_message.Message):
     def __init__(self, path: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "trimmed")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRIMMED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    trimmed: PromptTrim
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., trimmed: _Optional[_Union[PromptTrim, _Mapping]] = ...) -> None: ...
+
+class PromptTrim(_message.Message):
+    __slots__ = ("prefix_chars", "suffix_chars", "context_files")
+    PREFIX_CHARS_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_CHARS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FILES_FIELD_NUMBER: _ClassVar[int]
+    prefix_chars: int
+    suffix_chars: int
+    context_files: int
+    def __init__(self, prefix_chars: _Optional[int] = ..., suffix_chars: _Optional[int] = ..., context_files: _Optional[int] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
