@@ -54,7 +54,7 @@ class Frontend:
         self.tokenize_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sc2deploy-tokenize")
 
     async def prepare(self, request: pb.CompleteRequest, prompt_tokens: list[int] | None = None,
-                      fim: bool | None = None) -> Job:
+                      fim: bool | None = None, parse_special: bool = False) -> Job:
         """The request's Job (see build_job), built on the tokenize pool; a bounded number at a time."""
         if self.preparing >= self.max_preparing:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -62,7 +62,7 @@ class Frontend:
         self.preparing += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self.tokenize_pool, build_job, request, self.tokenizer, self.limits, prompt_tokens, fim)
+                self.tokenize_pool, build_job, request, self.tokenizer, self.limits, prompt_tokens, fim, parse_special)
         except UserError as e:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         finally:

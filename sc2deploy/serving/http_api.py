@@ -121,7 +121,7 @@ class HttpApi:
 
         async def start(data: dict, call: Call):
             spec = openai_api.parse_completion(data, self.model_name, vocab)
-            job = await self.frontend.prepare(spec.request, spec.prompt_tokens, fim=spec.fim)
+            job = await self.frontend.prepare(spec.request, spec.prompt_tokens, fim=spec.fim, parse_special=True)
             output = openai_api.CompletionOutput(spec, self.model_name, call.request_id, self.frontend.tokenizer,
                                                  job.prompt_ids)
             return spec.stream, job, output

@@ -29,6 +29,7 @@ class InfillSpec:
     request: pb.CompleteRequest
     stream: bool
     return_tokens: bool
+    response_fields: list[str]  # llama.cpp's filter of the final response; empty: everything
 
 
 def parse_infill(data: dict) -> InfillSpec:
@@ -60,7 +61,8 @@ def parse_infill(data: dict) -> InfillSpec:
     seed = jb.integer(data, "seed", -1, lo=-1, hi=2**63 - 1)
     if seed >= 0:
         request.seed = seed
-    return InfillSpec(request, jb.boolean(data, "stream", False), jb.boolean(data, "return_tokens", False))
+    return InfillSpec(request, jb.boolean(data, "stream", False), jb.boolean(data, "return_tokens", False),
+                      jb.strings(data, "response_fields"))
 
 
 class InfillOutput:
@@ -88,15 +90,33 @@ class InfillOutput:
         return body
 
     def response(self, steps: list[Step], finished: Finished, timings: dict) -> dict:
-        return self.final("".join(s.text for s in steps), [t for s in steps for t in s.token_ids], finished, timings)
+        body = self.final("".join(s.text for s in steps), [t for s in steps for t in s.token_ids], finished, timings)
+        return select_fields(self.spec.response_fields, body) if self.spec.response_fields else body
 
     def _tokens(self, ids: list[int]) -> list[int]:
         return list(ids) if self.spec.return_tokens else []
 
 
 def timings(prompt_tokens: int, completion_tokens: int, first_token_s: float, total_s: float) -> dict:
-    """llama.cpp's timings object, from what the server measured: prompt time is the time to the first token."""
-    predicted_s = max(total_s - first_token_s, 1e-9)
-    return {"prompt_n": prompt_tokens, "prompt_ms": first_token_s * 1000,
+    """llama.cpp's timings object, from what the server measured: prompt time is the time to the first token
+    (queueing included), and the tokens after the first share the rest."""
+    prompt_s, predicted_s = max(first_token_s, 1e-9), max(total_s - first_token_s, 1e-9)
+    later = max(completion_tokens - 1, 0)
+    return {"cache_n": 0, "prompt_n": prompt_tokens, "prompt_ms": prompt_s * 1000,
+            "prompt_per_token_ms": prompt_s * 1000 / max(prompt_tokens, 1), "prompt_per_second": prompt_tokens / prompt_s,
             "predicted_n": completion_tokens, "predicted_ms": predicted_s * 1000,
-            "predicted_per_second": max(completion_tokens - 1, 0) / predicted_s}
+            "predicted_per_token_ms": predicted_s * 1000 / max(later, 1), "predicted_per_second": later / predicted_s}
+
+
+def select_fields(paths: list[str], body: dict) -> dict:
+    """llama.cpp's `response_fields`: only the named values, nested ones by "a/b" paths, keyed by their path."""
+    picked = {}
+    for path in paths:
+        value: object = body
+        for key in path.split("/"):
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            picked[path] = value
+    return picked

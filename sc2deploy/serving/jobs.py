@@ -35,15 +35,15 @@ class Job:
 
 
 def build_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits,
-              prompt_tokens: list[int] | None = None, fim: bool | None = None) -> Job:
+              prompt_tokens: list[int] | None = None, fim: bool | None = None, parse_special: bool = False) -> Job:
     """Validate `request` and build its prompt; raises UserError with a message for the client.
 
     `prompt_tokens` (ids in the vocabulary) stand for the prompt text: sent as is, or as the FIM prefix. `fim`
-    forces (or forbids) fill-in-the-middle; by default a non-empty suffix asks for it."""
+    forces (or forbids) fill-in-the-middle; by default a non-empty suffix asks for it. `parse_special` reads
+    control tokens spelled in a plain prompt's text (`<fim_prefix>`, `<file_sep>`, ...) as those tokens, for
+    clients that lay out the FIM or repo prompt themselves; a FIM completion's stop tokens then apply."""
     fim = bool(request.suffix) if fim is None else fim
-    if prompt_tokens is not None:
-        return _job_from_ids(request, tokenizer, limits, prompt_tokens, fim)
-    if not request.prompt and not fim:
+    if not request.prompt and not fim and prompt_tokens is None:
         raise UserError("prompt is empty; send the code before the cursor (and suffix for fill-in-the-middle)")
     if len(request.stop) > limits.max_stop:
         raise UserError(f"{len(request.stop)} stop strings; at most {limits.max_stop} are allowed")
@@ -55,15 +55,27 @@ def build_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits,
     if asked >= limits.context_length:
         raise UserError(f"max_tokens {asked} leaves no room for a prompt in the model's context of "
                         f"{limits.context_length} tokens; ask for fewer tokens")
+    if prompt_tokens is None and parse_special and not fim:
+        room = limits.context_length - completion_room(request, limits, False)
+        try:
+            prompt_tokens = tokenizer.encode(request.prompt, parse_special=True, limit=room)
+        except PromptTooLong as e:
+            raise _too_long(e, limits) from None
+    if prompt_tokens is not None:
+        return _job_from_ids(request, tokenizer, limits, prompt_tokens, fim)
     suffix = request.suffix if fim else None
     trim = limits.trim and trimmable(suffix, request.repo_name or None, request.context_files)
     room = limits.context_length - completion_room(request, limits, trim)
     try:  # tokenizes about `room` tokens of a prompt that cannot fit: a 4 MiB one is refused or trimmed at once
         ids, trimmed = prompt_ids(request, tokenizer, room, suffix, trim=trim)
     except PromptTooLong as e:
-        raise UserError(f"{e}, more than the model's context of {limits.context_length} tokens leaves beside "
-                        f"max_tokens; shorten the prompt or ask for fewer tokens") from None
+        raise _too_long(e, limits) from None
     return _finish_job(request, tokenizer, limits, ids, fim, trimmed)
+
+
+def _too_long(e: PromptTooLong, limits: Limits) -> UserError:
+    return UserError(f"{e}, more than the model's context of {limits.context_length} tokens leaves beside "
+                     f"max_tokens; shorten the prompt or ask for fewer tokens")
 
 
 def _job_from_ids(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits, tokens: list[int],
@@ -84,7 +96,7 @@ def _job_from_ids(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Lim
         raise UserError(f"the prompt holds {len(ids)} tokens, more than the model's context of "
                         f"{limits.context_length} tokens leaves beside max_tokens; shorten the prompt or ask for "
                         f"fewer tokens")
-    return _finish_job(request, tokenizer, limits, ids, fim, None)
+    return _finish_job(request, tokenizer, limits, ids, fim or tokenizer.fim_middle_id in tokens, None)
 
 
 def _finish_job(request: pb.CompleteRequest, tokenizer: Tokenizer, limits: Limits, ids: list[int], fim: bool,

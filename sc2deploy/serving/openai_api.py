@@ -1,6 +1,11 @@
 """OpenAI's legacy completions API (POST /v1/completions): the request as OpenAI documents it -> a CompleteRequest,
 and the engine's events -> OpenAI's response objects and stream chunks.
 
+StarCoder2's control tokens spelled in a prompt without `suffix` (`<fim_prefix>`, `<fim_suffix>`, `<fim_middle>`,
+`<file_sep>`, `<repo_name>`) are read as those tokens, as vLLM and llama.cpp read them: editor plugins such as
+Continue lay out the FIM prompt themselves and send it as `prompt`. With `suffix`, the server lays it out and the
+texts stay text.
+
 Differences from OpenAI, each on purpose: `max_tokens` left unset takes the server's --default-max-tokens (OpenAI:
 16); `top_k` is accepted as vLLM accepts it; a `suffix` that is present, even empty, makes the prompt
 fill-in-the-middle; logprobs go up to the server's limit (OpenAI: 5). Fields OpenAI has but this server cannot honour

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import time
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sc2deploy.serving.client import make_request
 from sc2deploy.serving.v1 import completion_pb2 as pb
@@ -295,3 +298,111 @@ def test_http_connections_send_small_writes_at_once(web):
     # asyncio sets TCP_NODELAY on accepted connections only when the listener names IPPROTO_TCP; without it a
     # stream's first chunk on a kept-alive connection waited ~40 ms for the client's delayed ACK
     assert web.server.http.socket.proto == socket.IPPROTO_TCP
+
+
+def test_over_long_fim_prompts_are_trimmed_on_every_front_end(make_server, oracle):
+    prefix = "".join(f"value_{i} = {i} * 2\n" for i in range(60))
+    suffix = "".join(f"print(value_{i})\n" for i in range(60))
+    with make_server(max_batch=2, http_port=0, context_length=160) as small:
+        grpc_answer = small.client.complete(make_request(prefix, suffix=suffix, max_tokens=8))
+        cut = grpc_answer.usage.trimmed
+        assert cut.prefix_chars > 0 and cut.suffix_chars > 0 and cut.context_files == 0
+        assert grpc_answer.usage.prompt_tokens + 8 <= 160
+        # exactly the completion of the kept text: the end of the prefix and the start of the suffix
+        kept = make_request(prefix[cut.prefix_chars:], suffix=suffix[:len(suffix) - cut.suffix_chars], max_tokens=8)
+        assert grpc_answer.text == oracle(kept).text
+        answer = openai_client(small).completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=8,
+                                                         temperature=0)
+        assert answer.choices[0].text == grpc_answer.text
+        assert answer.usage.prompt_trimmed == {"prefix_chars": cut.prefix_chars, "suffix_chars": cut.suffix_chars,
+                                               "context_files": 0}
+        infilled = httpx.post(base(small) + "/infill", timeout=60, json={
+            "input_prefix": prefix, "input_suffix": suffix, "n_predict": 8, "temperature": 0}).json()
+        assert infilled["truncated"] is True and infilled["content"] == grpc_answer.text
+        assert infilled["trimmed"]["prefix_chars"] == cut.prefix_chars
+        plain = make_request("x = 1\n", max_tokens=8)
+        assert not small.client.complete(plain).usage.HasField("trimmed")
+    with make_server(max_batch=1, http_port=0, context_length=160, trim_prompts=False) as strict:
+        refused = httpx.post(base(strict) + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": prefix, "suffix": suffix, "max_tokens": 8})
+        assert refused.status_code == 400 and "context" in refused.json()["error"]["message"]
+
+
+def test_tls_serves_http_too(make_server, tls_files):
+    cert, key = tls_files["server"]
+    trusted = ssl.create_default_context(cadata=cert.decode())
+    with make_server(max_batch=1, http_port=0, tls_cert=cert, tls_key=key) as secure:
+        url = f"https://127.0.0.1:{secure.server.http_port}"
+        answer = httpx.post(url + "/v1/completions", verify=trusted, timeout=30,
+                            json={"model": MODEL, "prompt": "a", "max_tokens": 2})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{secure.server.http_port}/health", timeout=5)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+COMPLETION_BODIES = st.fixed_dictionaries(
+    {"model": st.just(MODEL) | JSON_VALUES, "max_tokens": st.integers(-2, 6) | JSON_VALUES},
+    optional={name: JSON_VALUES | st.text(max_size=20) for name in
+              ("prompt", "suffix", "temperature", "top_p", "stop", "seed", "logprobs", "echo", "stream",
+               "stream_options", "n", "user", "logit_bias")})
+INFILL_BODIES = st.fixed_dictionaries(
+    {"n_predict": st.integers(-2, 6)},
+    optional={name: JSON_VALUES | st.text(max_size=20) for name in
+              ("input_prefix", "input_suffix", "input_extra", "prompt", "temperature", "top_k", "top_p", "stop",
+               "stream", "seed", "repo_name", "file_path")})
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(["/v1/completions", "/infill"]),
+       body=st.one_of(st.binary(max_size=64), JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+                      COMPLETION_BODIES.map(lambda v: json.dumps(v).encode()),
+                      INFILL_BODIES.map(lambda v: json.dumps(v).encode())))
+def test_fuzzed_bodies_get_a_status_and_never_break_the_server(web, path, body):
+    response = httpx.post(base(web) + path, content=body, timeout=60, headers={"content-type": "application/json"})
+    assert response.status_code in (200, 400, 404), response.text
+    if response.status_code != 200:
+        message = response.json()["error"]["message"]
+        assert isinstance(message, str) and message and "Traceback" not in message
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events and all("error" not in json.loads(e[6:]) for e in events if e != "data: [DONE]")
+    else:
+        assert "error" not in response.json()
+
+
+def test_a_client_templated_fim_prompt_equals_the_server_built_one(web, oracle, tokenizer):
+    # Continue and similar plugins spell the FIM layout in `prompt` themselves; the control tokens are read as
+    # tokens (as vLLM and llama.cpp read them), so the model sees what a `suffix` request gives it
+    request = make_request("def add(a, b):\n    ", suffix="\n\nprint(add(1, 2))\n", max_tokens=10)
+    expected = oracle(request)
+    templated = f"<fim_prefix>{request.prompt}<fim_suffix>{request.suffix}<fim_middle>"
+    answer = openai_client(web).completions.create(model=MODEL, prompt=templated, max_tokens=10, temperature=0)
+    assert answer.choices[0].text == expected.text
+    assert answer.usage.prompt_tokens == len(expected.prompt_ids)
+    # with `suffix`, the texts are the user's: a control token spelled in them stays text
+    spelled = openai_client(web).completions.create(model=MODEL, prompt="x = '<file_sep>'", suffix="", max_tokens=1)
+    as_text = tokenizer.encode("x = '<file_sep>'")
+    assert tokenizer.file_sep_id not in as_text and spelled.usage.prompt_tokens == len(as_text) + 3
+
+
+def test_infill_as_llama_vscode_sends_it(web, oracle):
+    fields = ["content", "timings/prompt_n", "timings/predicted_n", "truncated", "tokens_cached"]
+    body = {"input_prefix": "import os\n\ndef main():\n", "input_suffix": "\n\nmain()\n", "prompt": "    ",
+            "input_extra": [{"filename": "util.py", "text": "def helper():\n    return 1\n"}],
+            "n_predict": 6, "top_k": 40, "top_p": 0.99, "stream": False, "n_indent": 4, "cache_prompt": True,
+            "samplers": ["top_k", "top_p", "infill"], "t_max_prompt_ms": 500, "t_max_predict_ms": 1000,
+            "response_fields": fields}
+    answer = httpx.post(base(web) + "/infill", json=body, timeout=60).json()
+    assert set(answer) == set(fields) and isinstance(answer["content"], str)
+    # the file being completed is unnamed in llama.cpp's protocol: its path line reads "filename", as there
+    expected = oracle(make_request("import os\n\ndef main():\n    ", suffix="\n\nmain()\n", max_tokens=6,
+                                   file_path="filename", context_files=[("util.py", "def helper():\n    return 1\n")]))
+    assert answer["timings/prompt_n"] == len(expected.prompt_ids)
+    assert 1 <= answer["timings/predicted_n"] <= 6 and answer["truncated"] is False
+    greedy = httpx.post(base(web) + "/infill", json={**body, "temperature": 0, "response_fields": None},
+                        timeout=60).json()
+    assert greedy["content"] == expected.text

@@ -1,6 +1,7 @@
 """`sc2deploy serve` as a real process: it prints its port, and on SIGTERM finishes in-flight streams and exits 0."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from sc2deploy.serving.client import Client, make_request
@@ -100,6 +102,30 @@ def test_refuses_new_requests_while_draining():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_sigterm_drains_the_http_front_end_too():
+    process, port, lines = start_server("--grace", "30", "--max-batch", "2", "--http-port", "0")
+    try:
+        http_port = int(re.search(r"HTTP on :(\d+)", "".join(lines)).group(1))
+        url = f"http://127.0.0.1:{http_port}"
+        body = {"model": "starcoder2-tiny", "prompt": "def long_function():\n", "max_tokens": 300, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+            events = (line[6:] for line in response.iter_lines() if line.startswith("data: "))
+            first = next(events)
+            process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert httpx.get(url + "/health", timeout=10).status_code == 503
+            refused = httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=10)
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+            rest = [first] + list(events)  # the stream started before SIGTERM runs to its end
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["usage"]["completion_tokens"] == 300
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in "".join(lines)
 
 
 def test_serve_usage_errors_are_messages(tmp_path):
