@@ -106,11 +106,16 @@ def register(subparsers) -> None:
     sched.add_argument("--max-queue", type=non_negative_int, default=64, metavar="N",
                        help="requests that may wait for a slot before RESOURCE_EXHAUSTED (default 64)")
     sched.add_argument("--prefill-tokens", type=positive_int, default=256, metavar="N",
-                       help="prompt tokens prefilled per engine step at most (one request always fits); bounds "
-                            "how long a burst of new prompts delays running streams (default 256)")
+                       help="prompt tokens prefilled per engine step at most; a longer prompt is prefilled in "
+                            "chunks of this size between decode steps, so it delays running streams by one chunk "
+                            "per step (default 256)")
     sched.add_argument("--context", type=positive_int, metavar="N",
                        help="prompt + max_tokens limit per request (default: the model's context); a smaller one "
                             "shrinks each slot's KV cache when the model's window is larger")
+    sched.add_argument("--prefix-cache-mb", type=non_negative_int, default=512, metavar="MB",
+                       help="keep the KV cache of finished sequences, up to this many MiB, for prompts that start "
+                            "the same way (an editor's next request); they prefill only what differs (default 512; "
+                            "0 turns it off; eager and ONNX Runtime on CPU)")
     sched.add_argument("--refuse-long-prompts", action="store_true",
                        help="refuse a fill-in-the-middle or repo-level prompt that does not fit the context instead "
                             "of trimming it (by default the text farthest from the cursor and the least relevant "
@@ -203,6 +208,7 @@ def _serve(args) -> int:
         max_message_bytes=args.max_message_mb << 20, read_timeout=args.read_timeout,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, http_port=args.http_port,
         http_host=args.http_host, model_name=args.model_name, trim_prompts=not args.refuse_long_prompts,
+        prefix_cache_bytes=args.prefix_cache_mb << 20,
         tls_cert=_read(args.tls_cert, "--tls-cert"), tls_key=_read(args.tls_key, "--tls-key"),
         api_keys=read_api_keys(args.api_key_file) if args.api_key_file else None)
     # Check what can be checked before loading the model (minutes for a large one).

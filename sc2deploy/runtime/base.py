@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +18,16 @@ from torch import Tensor
 from sc2deploy.config import Config
 from sc2deploy.errors import UserError
 from sc2deploy.quantization import QuantScheme
+
+
+@dataclass
+class KVState:
+    """A detached copy of the cache of a sequence's first `length` tokens, for prefix reuse: per layer the
+    (key, value) rows that hold them, (kv_heads, rows, head_dim), in the runtime's own array type."""
+
+    length: int
+    layers: list[tuple[Any, Any]]
+    nbytes: int
 
 
 class Runtime(ABC):
@@ -44,6 +56,56 @@ class Runtime(ABC):
         """
         return [self.prefill(slot, ids, all_logits=True) for slot, ids in enumerate(prompts)]
 
+    supports_extend = False  # whether extend() works: chunked prefill and prefix reuse need it
+
+    def extend(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        """Append `token_ids` to the sequence in `slot` in one call (a chunk of a longer prompt, or the rest of
+        a prompt whose prefix was restored); logits as prefill returns them."""
+        raise UserError(f"the {self.name} runtime cannot extend a sequence by several tokens; prefill it whole")
+
+    # Prefix reuse: a sequence's cache, copied out, restores any prefix of it into a slot as long as the
+    # sequence never held more tokens than the cache has positions (before that nothing was evicted or
+    # overwritten, so positions 0.. sit in rows 0..), or the whole of it. Runtimes that can do it override
+    # `_cache_rows` and `_resident`, and support extend().
+    supports_prefix_reuse = False
+
+    def reusable(self, state_length: int, prefix: int) -> bool:
+        """Whether a sequence that held `state_length` tokens can give back its first `prefix` tokens."""
+        return 0 < prefix <= state_length and (state_length <= self.capacity or prefix == state_length)
+
+    def snapshot(self, slot: int, length: int | None = None) -> KVState:
+        """A detached copy of the cache of the first `length` (default: all) tokens of the sequence in `slot`."""
+        total = self._lengths[slot]
+        length = total if length is None else length
+        if not self.reusable(total, length):
+            raise ValueError(f"slot {slot} holds {total} tokens: its first {length} cannot be copied out")
+        rows = self._resident(length)
+        layers = [(_copy(k[:, :rows]), _copy(v[:, :rows])) for k, v in self._cache_rows(slot)]
+        return KVState(length, layers, sum(k.nbytes + v.nbytes for k, v in layers))
+
+    def restore(self, slot: int, state: KVState, length: int) -> None:
+        """Start the sequence in `slot` as the first `length` tokens of `state`'s; extend() goes on from there."""
+        self._check_slot(slot)
+        if not self.reusable(state.length, length):
+            raise ValueError(f"a state of {state.length} tokens cannot give back its first {length}")
+        rows = self._resident(length)
+        for (k, v), (sk, sv) in zip(self._cache_rows(slot), state.layers):
+            k[:, :rows] = sk[:, :rows]
+            v[:, :rows] = sv[:, :rows]
+        self._lengths[slot] = length
+
+    def _cache_rows(self, slot: int) -> list[tuple[Any, Any]]:
+        """Per layer, views of the (key, value) cache of `slot`: (kv_heads, capacity, head_dim)."""
+        raise UserError(f"the {self.name} runtime does not reuse prompt prefixes")
+
+    def _resident(self, total: int) -> int:
+        """Cache rows that hold the positions of a sequence of `total` tokens."""
+        return min(total, self.capacity)
+
+    def release(self, slot: int) -> None:
+        """The sequence in `slot` is over: the slot may serve as scratch until the next prefill."""
+        self._lengths[slot] = 0
+
     def length(self, slot: int) -> int:
         """Tokens the sequence in `slot` holds (prompt and generated)."""
         return self._lengths[slot]
@@ -66,6 +128,15 @@ class Runtime(ABC):
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise UserError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def _check_extend(self, slot: int, token_ids: Sequence[int]) -> None:
+        self._check_prefill(slot, token_ids)
+        if self._lengths[slot] == 0:
+            raise ValueError(f"slot {slot} holds no sequence; prefill it first")
+        total = self._lengths[slot] + len(token_ids)
+        if total > self.config.max_position_embeddings:
+            raise UserError(f"the sequence would hold {total} tokens, more than the model's context of "
+                            f"{self.config.max_position_embeddings}; shorten it")
 
     def _check_decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> None:
         if len(slots) != len(token_ids) or len(set(slots)) != len(slots):
@@ -109,3 +180,8 @@ class PaddedPrefill(Runtime):
         for slot, p in enumerate(prompts):
             self._lengths[slot] = len(p)
         return [logits[row, :len(p)] for row, p in enumerate(prompts)]
+
+
+def _copy(array: Any) -> Any:
+    """A detached copy of a torch tensor or a numpy array."""
+    return array.clone() if isinstance(array, Tensor) else array.copy()

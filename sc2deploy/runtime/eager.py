@@ -36,6 +36,19 @@ class EagerRuntime(PaddedPrefill):
             self._lengths[s] += 1
         return logits[:, -1]
 
+    supports_extend = supports_prefix_reuse = True
+
+    @torch.inference_mode()
+    def extend(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        self._check_extend(slot, token_ids)
+        total = self._lengths[slot] + len(token_ids)
+        logits = self._run(self._tensor([list(token_ids)]), self._mask([total]), slice(slot, slot + 1), fresh=False)
+        self._lengths[slot] = total
+        return logits[0] if all_logits else logits[0, -1]
+
+    def _cache_rows(self, slot: int) -> list[tuple[Tensor, Tensor]]:
+        return [(k[slot], v[slot]) for k, v in self.cache]
+
     def _prefill_rows(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
         lengths = [len(p) for p in prompts]
         batch = self._tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])

@@ -142,6 +142,27 @@ class OrtRuntime(Runtime):
             self._lengths[slot] = len(p)
         return [_to_torch(logits[row, :len(p)], copied=True) for row, p in enumerate(prompts)]
 
+    supports_extend = True
+
+    def extend(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        self._check_extend(slot, token_ids)
+        total = self._lengths[slot] + len(token_ids)
+        self._check_room(total)
+        ids = np.asarray([list(token_ids)], dtype=np.int64)
+        logits = self._run(ids, np.ones((1, total), dtype=np.int64), self._row_pointers(slot),
+                            keep=0 if all_logits else 1)
+        self._lengths[slot] = total
+        return _to_torch(logits[0] if all_logits else logits[0, -1], copied=True)
+
+    @property
+    def supports_prefix_reuse(self) -> bool:  # type: ignore[override]
+        return self.provider == "cpu"  # the cache is numpy arrays; on a device it is OrtValues
+
+    def _cache_rows(self, slot: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self.provider != "cpu":
+            raise UserError(f"prefix reuse needs the CPU provider; this runtime runs on {self.provider}")
+        return [(k[slot], v[slot]) for k, v in self._cache]
+
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Tensor:
         self._check_decode(slots, token_ids)
         for s in slots:

@@ -40,6 +40,16 @@ class Metrics:
                                        "Tokens per second of the latest decode step (batch size / step time)",
                                        registry=r)
         self.prompt_tokens = Counter("sc2deploy_prompt_tokens", "Prefilled prompt tokens", registry=r)
+        self.prefix_lookups = Counter("sc2deploy_prefix_cache_lookups", "Prompts looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("sc2deploy_prefix_cache_hits",
+                                   "Prompts that reused the cache of a stored or running sequence's prefix",
+                                   registry=r)
+        self.prefix_reused_tokens = Counter("sc2deploy_prefix_cache_reused_tokens",
+                                            "Prompt tokens restored from the prefix cache instead of prefilled",
+                                            registry=r)
+        self.prefix_cache_bytes = Gauge("sc2deploy_prefix_cache_bytes", "Bytes of KV cache the prefix cache holds",
+                                        registry=r)
 
     def observe_step(self, batch: int, seconds: float) -> None:
         self.batch_size.observe(batch)

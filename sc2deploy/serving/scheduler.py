@@ -1,14 +1,18 @@
 """Continuous batching over any Runtime: one engine thread owns the runtime and its cache slots.
 
 Policy, one iteration of the engine loop:
-  1. reap   - running sequences whose client cancelled or whose deadline passed leave now, freeing
-              their slot (so a cancel takes effect within one decode step); so do such waiting requests;
-  2. admit  - waiting requests take free slots (lowest slot first), first come first served; each is
-              prefilled and yields its first token at once. Prefill is bounded to `prefill_tokens`
-              prompt tokens per iteration (at least one request), so a burst of new prompts delays the
-              running streams by about one budget's worth of prefill per step instead of starving them;
-  3. decode - one runtime.decode step for every running sequence together; each sequence accepts its
-              logits, its new text goes to its client, and finished sequences leave at once.
+  1. reap    - running sequences whose client cancelled or whose deadline passed leave now, freeing
+               their slot (so a cancel takes effect within one decode step); so do such waiting requests;
+  2. admit   - waiting requests take free slots (lowest slot first), first come first served. A prompt
+               that starts like a stored or running sequence restores that prefix's cache (prefix_cache.py)
+               and prefills only the rest;
+  3. prefill - at most `prefill_tokens` prompt tokens per iteration (at least one chunk), the oldest
+               admitted request first: a long prompt goes in chunks, one per iteration, between the decode
+               steps of the running streams, so a 4,000-token prompt delays them by one chunk per step
+               instead of all of it at once. A request whose prompt is complete yields its first token;
+  4. decode  - one runtime.decode step for every running sequence together; each sequence accepts its
+               logits, its new text goes to its client, and finished sequences leave at once (their cache
+               goes to the prefix cache, and their slot is released).
 Requests wait in a bounded queue (`max_queue`); a full queue is refused (RESOURCE_EXHAUSTED).
 Each request owns its Sequence and seeded Sampler, so its tokens do not depend on what else runs.
 """
@@ -28,6 +32,7 @@ from sc2deploy.generation import FINISH_CANCELLED, FINISH_STOP, Sequence
 from sc2deploy.runtime.base import Runtime
 from sc2deploy.serving.jobs import Job
 from sc2deploy.serving.metrics import Metrics
+from sc2deploy.serving.prefix_cache import PrefixCache
 from sc2deploy.tokenizer import Tokenizer, Trimmed
 
 log = logging.getLogger("sc2deploy.serving")
@@ -71,6 +76,7 @@ class Request:
     id: int = 0
     request_id: str = ""  # the server's id of the call, for log lines
     slot: int | None = None
+    cursor: int = 0  # prompt tokens in the cache (restored or prefilled)
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -101,12 +107,14 @@ class Request:
 
 class Scheduler:
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, max_queue: int = 64, prefill_tokens: int = 256,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, prefix_cache_bytes: int = 0):
         self.runtime, self.tokenizer = runtime, tokenizer
         self.max_batch, self.max_queue, self.prefill_tokens = runtime.max_batch, max_queue, max(prefill_tokens, 1)
         self.metrics = metrics or Metrics()
+        self.prefix_cache = PrefixCache(runtime, prefix_cache_bytes, self.metrics)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
+        self._prefilling: list[Request] = []  # hold a slot, prompt partly in the cache; engine thread only
         self._running: dict[int, Request] = {}  # slot -> request; engine thread only
         self._free = list(range(self.max_batch))  # a heap: lowest free slot first
         self._ids = itertools.count(1)
@@ -172,27 +180,28 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopped and not self._waiting and not self._running:
+                while not self._stopped and not self._waiting and not self._running and not self._prefilling:
                     self._lock.wait()
-                if self._stopped and not self._waiting and not self._running:
+                if self._stopped and not self._waiting and not self._running and not self._prefilling:
                     return
             try:
                 self._reap()
                 self._admit()
+                self._prefill()
                 if self._running:
                     self._decode()
             except Exception:  # a bug or a runtime failure: fail what is running, keep serving
                 log.exception("engine step failed; ending the running requests")
-                for slot in list(self._running):
-                    self._finish(self._running[slot], Finished("error", error="the engine failed on this request"))
+                for request in list(self._running.values()) + self._prefilling:
+                    self._finish(request, Finished("error", error="the engine failed on this request"))
 
     def _reap(self) -> None:
         now = time.monotonic()
         if self._cancel_all:
             with self._lock:
-                for request in list(self._waiting) + list(self._running.values()):
+                for request in list(self._waiting) + list(self._running.values()) + self._prefilling:
                     request.cancel()
-        for request in list(self._running.values()):
+        for request in list(self._running.values()) + self._prefilling:
             if request.cancelled or request.expired(now):
                 self._end_early(request, now)
         with self._lock:
@@ -210,28 +219,61 @@ class Scheduler:
         self._finish(request, Finished(reason))
 
     def _admit(self) -> None:
-        budget = self.prefill_tokens
-        admitted = 0
+        """Waiting requests take the free slots, restoring the longest reusable prefix of their prompt."""
         while True:
             with self._lock:
                 if not self._free or not self._waiting:
                     break
-                request = self._waiting[0]
-                if admitted and admitted + len(request.job.prompt_ids) > budget:
-                    break
-                self._waiting.popleft()
+                request = self._waiting.popleft()
                 request.slot = heapq.heappop(self._free)
                 self.metrics.queue_depth.set(len(self._waiting))
-            admitted += len(request.job.prompt_ids)
-            self._running[request.slot] = request
-            self.metrics.prompt_tokens.inc(len(request.job.prompt_ids))
+            self._prefilling.append(request)
+            match = self.prefix_cache.lookup(request.job.prompt_ids, self._live())
+            if match is not None:
+                state = match.state if match.state is not None else self.runtime.snapshot(match.slot, match.length)
+                self.runtime.restore(request.slot, state, match.length)
+                request.cursor = match.length
+
+    def _live(self):
+        """(tokens in the cache, slot) of the sequences holding a slot, as prefix sources."""
+        for slot, request in self._running.items():
+            yield (request.seq.prompt_ids + request.seq.output_ids)[:self.runtime.length(slot)], slot
+        for request in self._prefilling:
+            if request.cursor:
+                yield request.job.prompt_ids[:request.cursor], request.slot
+
+    def _prefill(self) -> None:
+        """Up to `prefill_tokens` prompt tokens, oldest request first; at least one chunk per iteration."""
+        budget = self.prefill_tokens
+        chunked = self.runtime.supports_extend
+        for request in list(self._prefilling):
+            if budget <= 0:
+                break
+            prompt = request.job.prompt_ids
+            left = len(prompt) - request.cursor
+            if chunked:
+                size = min(left, budget)
+            elif left > budget and budget < self.prefill_tokens:
+                break  # this runtime prefills whole prompts only; one at least per iteration
+            else:
+                size = left
+            chunk = prompt[request.cursor:request.cursor + size]
+            budget -= size
+            self.metrics.prompt_tokens.inc(size)
             try:
-                logits = self.runtime.prefill(request.slot, request.job.prompt_ids)
+                if request.cursor:
+                    logits = self.runtime.extend(request.slot, chunk)
+                else:
+                    logits = self.runtime.prefill(request.slot, chunk)
             except Exception:
                 log.exception("prefill failed for request %d", request.id, extra={"request_id": request.request_id})
                 self._finish(request, Finished("error", error="prefill failed on this request"))
                 continue
-            self._deliver(request, request.seq.accept(logits))
+            request.cursor += size
+            if request.cursor == len(prompt):
+                self._prefilling.remove(request)
+                self._running[request.slot] = request
+                self._deliver(request, request.seq.accept(logits))
 
     def _decode(self) -> None:
         slots = sorted(self._running)
@@ -261,6 +303,16 @@ class Scheduler:
         if seq.done:
             self._finish(request, Finished(seq.finish_reason or "length", self._stop_sequence(seq)))
 
+    def _keep_prefix(self, request: Request, finished: Finished) -> None:
+        """The finished sequence's cache goes to the prefix cache (not after a failure: it may be partial)."""
+        length = self.runtime.length(request.slot) if request.cursor == len(request.job.prompt_ids) else request.cursor
+        if not self.prefix_cache.enabled or finished.reason == "error" or not length:
+            return
+        if not self.runtime.reusable(self.runtime.length(request.slot), length):
+            return
+        tokens = (request.seq.prompt_ids + request.seq.output_ids)[:length]
+        self.prefix_cache.store(tokens, self.runtime.snapshot(request.slot, length))
+
     def _stop_sequence(self, seq: Sequence) -> str:
         if seq.finish_reason != FINISH_STOP:
             return ""
@@ -273,7 +325,12 @@ class Scheduler:
         finished.completion_tokens = len(request.seq.output_ids)
         finished.trimmed = request.job.trimmed
         if request.slot is not None:
-            del self._running[request.slot]
+            if self._running.get(request.slot) is request:
+                del self._running[request.slot]
+            else:
+                self._prefilling.remove(request)
+            self._keep_prefix(request, finished)
+            self.runtime.release(request.slot)
             with self._lock:
                 heapq.heappush(self._free, request.slot)
             request.slot = None

@@ -76,6 +76,7 @@ class ServerOptions:
     http_host: str | None = None  # default: host
     model_name: str | None = None  # the HTTP APIs' model id; default: starcoder2-<size>, or the weights' folder name
     trim_prompts: bool = True  # over-long FIM and repo-level prompts lose the text farthest from the cursor
+    prefix_cache_bytes: int = 512 * MiB  # KV of finished sequences kept for prompts that start the same; 0: off
     source: str = ""  # where the weights came from, for GetModelInfo
 
 
@@ -278,7 +279,8 @@ class CompletionServer:
             self.tls = server_ssl_context(options.tls_cert, options.tls_key)  # checks the PEM pair before listening
         self.metrics = Metrics()
         self.scheduler = Scheduler(runtime, tokenizer, max_queue=options.max_queue,
-                                   prefill_tokens=options.prefill_tokens, metrics=self.metrics)
+                                   prefill_tokens=options.prefill_tokens, metrics=self.metrics,
+                                   prefix_cache_bytes=options.prefix_cache_bytes)
         self.info = model_info(runtime, options, self.limits)
         self.frontend = Frontend(self.scheduler, tokenizer, self.limits, self.metrics,
                                  max_preparing=runtime.max_batch + options.max_queue)
