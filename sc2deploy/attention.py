@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["rope_cache", "sliding_window_gqa", "sliding_window_gqa_reference"]
+__all__ = ["rope_cache", "sliding_window_gqa", "sliding_window_gqa_", "sliding_window_gqa_reference",
+           "sliding_window_gqa_inplace_reference"]
 
 QUERY_CHUNK = 512  # queries per block of attention scores in the reference
 
@@ -61,7 +62,10 @@ def _row_layout(seqlens_k: Tensor, seq_len: int, total_sequence_length: int) -> 
     return total - seq_len, torch.full_like(total, seq_len)
 
 
-def sliding_window_gqa_reference(
+CacheWrites = tuple[Tensor, Tensor, Tensor, Tensor] | None  # (rows, slots, keys, values) to store
+
+
+def _attend(
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -75,8 +79,9 @@ def sliding_window_gqa_reference(
     kv_num_heads: int,
     local_window_size: int,
     scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The contract in plain torch; scores, softmax and the weighted sum run in float32."""
+) -> tuple[Tensor, CacheWrites]:
+    """The contract's output in plain torch (scores, softmax and the weighted sum in float32), and the cache
+    writes it implies; the caller applies them to a copy of the cache (functional) or to the cache itself."""
     batch, seq_len, _ = query.shape
     head_dim = query.shape[-1] // num_heads
     capacity = past_key.shape[2]
@@ -124,15 +129,45 @@ def sliding_window_gqa_reference(
     out = out.view(batch, num_heads, seq_len, head_dim).transpose(1, 2).reshape(batch, seq_len, -1)
     out = out.masked_fill(~q_real[:, :, None], 0.0).to(query.dtype)
 
+    if not capacity:
+        return out, None
+    total = past_len + n_new
+    kept = q_real & (q_pos >= (total - capacity)[:, None])  # the last C positions of each row
+    rows, cols = kept.nonzero(as_tuple=True)
+    slot = torch.remainder(q_pos[rows, cols], capacity)
+    return out, (rows, slot, k[rows, :, cols], v[rows, :, cols])
+
+
+def _write(past_key: Tensor, past_value: Tensor, writes: CacheWrites) -> None:
+    if writes is not None:
+        rows, slot, k, v = writes
+        past_key[rows, :, slot] = k.to(past_key.dtype)
+        past_value[rows, :, slot] = v.to(past_value.dtype)
+
+
+def sliding_window_gqa_reference(
+    query: Tensor, key: Tensor, value: Tensor, past_key: Tensor, past_value: Tensor, seqlens_k: Tensor,
+    total_sequence_length: Tensor, cos_cache: Tensor, sin_cache: Tensor, num_heads: int, kv_num_heads: int,
+    local_window_size: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The contract in plain torch, functional: (output, present_key, present_value), the past untouched."""
+    out, writes = _attend(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
+                          sin_cache, num_heads, kv_num_heads, local_window_size, scale)
     present_key, present_value = past_key.clone(), past_value.clone()
-    if capacity:
-        total = past_len + n_new
-        kept = q_real & (q_pos >= (total - capacity)[:, None])  # the last C positions of each row
-        rows, cols = kept.nonzero(as_tuple=True)
-        slot = torch.remainder(q_pos[rows, cols], capacity)
-        present_key[rows, :, slot] = k[rows, :, cols].to(past_key.dtype)
-        present_value[rows, :, slot] = v[rows, :, cols].to(past_value.dtype)
+    _write(present_key, present_value, writes)
     return out, present_key, present_value
+
+
+def sliding_window_gqa_inplace_reference(
+    query: Tensor, key: Tensor, value: Tensor, past_key: Tensor, past_value: Tensor, seqlens_k: Tensor,
+    total_sequence_length: Tensor, cos_cache: Tensor, sin_cache: Tensor, num_heads: int, kv_num_heads: int,
+    local_window_size: int, scale: float,
+) -> Tensor:
+    """The contract with the cache updated in place: past_key/past_value become the presents."""
+    out, writes = _attend(query, key, value, past_key, past_value, seqlens_k, total_sequence_length, cos_cache,
+                          sin_cache, num_heads, kv_num_heads, local_window_size, scale)
+    _write(past_key, past_value, writes)
+    return out
 
 
 @torch.library.custom_op("sc2deploy::sliding_window_gqa", mutates_args=())
@@ -161,3 +196,33 @@ def sliding_window_gqa(
 def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
       cos_cache, sin_cache, num_heads, kv_num_heads, local_window_size, scale):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+@torch.library.custom_op("sc2deploy::sliding_window_gqa_", mutates_args=("past_key", "past_value"))
+def sliding_window_gqa_(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    past_key: Tensor,
+    past_value: Tensor,
+    seqlens_k: Tensor,
+    total_sequence_length: Tensor,
+    cos_cache: Tensor,
+    sin_cache: Tensor,
+    num_heads: int,
+    kv_num_heads: int,
+    local_window_size: int,
+    scale: float,
+) -> Tensor:
+    """sliding_window_gqa writing the new keys and values into past_key/past_value (the eager runtime's cache)
+    instead of returning updated copies: one contract, two call forms; the export uses the functional one."""
+    return sliding_window_gqa_inplace_reference(
+        query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+        cos_cache, sin_cache, num_heads, kv_num_heads, local_window_size, scale,
+    )
+
+
+@sliding_window_gqa_.register_fake
+def _(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+      cos_cache, sin_cache, num_heads, kv_num_heads, local_window_size, scale):
+    return torch.empty_like(query)

@@ -50,9 +50,10 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def accept(self, logits: Tensor) -> str:
-        """Choose the next token from `logits`; returns the newly showable text."""
-        token = self.sampler(logits)
+    def accept(self, logits: Tensor, token: int | None = None) -> str:
+        """Choose the next token from `logits` (or take `token`, the caller's argmax of them for a greedy
+        sequence); returns the newly showable text."""
+        token = self.sampler(logits) if token is None else token
         if self.logprobs:
             self.token_logprobs.append(top_logprobs(logits, token, self.logprobs))
         if token in self.stop_ids:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sc2deploy.attention import rope_cache, sliding_window_gqa
+from sc2deploy.attention import rope_cache, sliding_window_gqa, sliding_window_gqa_
 from sc2deploy.config import Config
 
 KVCache = list[tuple[Tensor, Tensor]]
@@ -28,12 +28,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor, past: tuple[Tensor, Tensor], seqlens_k: Tensor, total: Tensor,
-                cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                cos: Tensor, sin: Tensor, in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """in_place: write the new keys and values into `past` (which then are the presents) instead of
+        returning updated copies of it."""
         c = self.config
-        out, present_key, present_value = sliding_window_gqa(
-            self.q_proj(x), self.k_proj(x), self.v_proj(x), past[0], past[1], seqlens_k, total, cos, sin,
-            c.num_attention_heads, c.num_key_value_heads, c.sliding_window or 0, c.head_dim**-0.5,
-        )
+        args = (self.q_proj(x), self.k_proj(x), self.v_proj(x), past[0], past[1], seqlens_k, total, cos, sin,
+                c.num_attention_heads, c.num_key_value_heads, c.sliding_window or 0, c.head_dim**-0.5)
+        if in_place:
+            return self.o_proj(sliding_window_gqa_(*args)), past[0], past[1]
+        out, present_key, present_value = sliding_window_gqa(*args)
         return self.o_proj(out), present_key, present_value
 
 
@@ -55,8 +58,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, past, seqlens_k, total, cos, sin):
-        attn, present_key, present_value = self.self_attn(self.input_layernorm(x), past, seqlens_k, total, cos, sin)
+    def forward(self, x, past, seqlens_k, total, cos, sin, in_place: bool = False):
+        attn, present_key, present_value = self.self_attn(self.input_layernorm(x), past, seqlens_k, total, cos, sin,
+                                                          in_place)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, present_key, present_value
@@ -68,6 +72,18 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, past_key_values: KVCache, cos: Tensor,
+                      sin: Tensor, in_place: bool = False) -> tuple[Tensor, KVCache]:
+        """The body with the I/O convention of Starcoder2.forward: (the final LayerNorm's output, the caches)."""
+        seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)
+        total = torch.scalar_tensor(attention_mask.shape[1], dtype=torch.int32, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        presents: KVCache = []
+        for layer, past in zip(self.layers, past_key_values):
+            x, present_key, present_value = layer(x, past, seqlens_k, total, cos, sin, in_place)
+            presents.append((present_key, present_value))
+        return self.norm(x), presents
 
 
 class Starcoder2(nn.Module):
@@ -93,13 +109,14 @@ class Starcoder2(nn.Module):
         shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
         return [(weight.new_zeros(shape), weight.new_zeros(shape)) for _ in range(c.num_hidden_layers)]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, past_key_values: KVCache) -> tuple[Tensor, KVCache]:
-        seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)
-        total = torch.scalar_tensor(attention_mask.shape[1], dtype=torch.int32, device=input_ids.device)
-        x = self.model.embed_tokens(input_ids)
-        presents: KVCache = []
-        for layer, past in zip(self.model.layers, past_key_values):
-            x, present_key, present_value = layer(x, past, seqlens_k, total, self.cos_cache, self.sin_cache)
-            presents.append((present_key, present_value))
-        logits = F.linear(self.model.norm(x), self.head_weight)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, past_key_values: KVCache, *,
+                in_place: bool = False, logits_to_keep: int = 0) -> tuple[Tensor, KVCache]:
+        """in_place: update past_key_values in place (the eager runtime's cache; the export traces the
+        functional form). logits_to_keep: the logits of the last this many columns only (0: all), as in
+        transformers, which spares a prefill the vocabulary projection of every position."""
+        hidden, presents = self.model.hidden_states(input_ids, attention_mask, past_key_values, self.cos_cache,
+                                                    self.sin_cache, in_place)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = F.linear(hidden, self.head_weight)
         return logits, presents

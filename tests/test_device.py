@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from sc2deploy.attention import rope_cache, sliding_window_gqa_reference
+from sc2deploy.attention import rope_cache, sliding_window_gqa_, sliding_window_gqa_reference
 from sc2deploy.checkpoint import RandomSource, load_model, random_model
 from sc2deploy.config import preset
 from sc2deploy.runtime.eager import EagerRuntime
@@ -121,5 +121,24 @@ def test_sampling_and_logprobs():
             sampler = Sampler(p)
             samples += [sampler(logits) for _ in range(4)]
         return [*samples, top_logprobs(logits, samples[0], 5)]
+
+    on_meta_default(run)
+
+
+def test_in_place_op_with_a_ring_cache():
+    gen = torch.Generator().manual_seed(0)
+    batch, seq, heads, kv_heads, head_dim, capacity = 2, 3, 4, 2, 8, 6
+    query = torch.randn(batch, seq, heads * head_dim, generator=gen)
+    key, value = (torch.randn(batch, seq, kv_heads * head_dim, generator=gen) for _ in range(2))
+    cos, sin = rope_cache(head_dim, 10000.0, 32)
+
+    empty = torch.zeros(batch, kv_heads, capacity, head_dim)
+    seqlens_k, total = torch.tensor([6, 9], dtype=torch.int32), torch.tensor(10, dtype=torch.int32)
+
+    def run():
+        past_key, past_value = empty.clone(), empty.clone()  # the op writes into them
+        out = sliding_window_gqa_(query, key, value, past_key, past_value, seqlens_k, total, cos, sin, heads,
+                                  kv_heads, 5, head_dim**-0.5)
+        return [out, past_key, past_value]
 
     on_meta_default(run)

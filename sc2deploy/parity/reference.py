@@ -39,7 +39,7 @@ class ChunkedReference(EagerRuntime):
             end = start + piece.shape[1]
             # mask width = past + new: the first chunk is a first prompt, the others continue the row
             mask = torch.ones((1, end), dtype=torch.int64, device=self.device)
-            logits = self._run(piece, mask, rows, fresh=start == 0)[0]
+            logits = self._run(piece, mask, rows, keep=0 if out is not None else 1)[0]
             if out is not None:
                 out[start:end] = logits.cpu()
             last = logits[-1]

@@ -27,14 +27,20 @@ class EagerRuntime(PaddedPrefill):
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], token_ids: Sequence[int]) -> Tensor:
         self._check_decode(slots, token_ids)
-        mask = self._mask([self._lengths[s] + 1 for s in slots])
-        ids = self._tensor(list(token_ids))[:, None]
-        contiguous = list(slots) == list(range(slots[0], slots[0] + len(slots)))
-        rows = slice(slots[0], slots[0] + len(slots)) if contiguous else self._tensor(list(slots))
-        logits = self._run(ids, mask, rows, fresh=False)
+        tokens = dict(zip(slots, token_ids))
+        covering = list(range(min(slots), max(slots) + 1))
+        if all(s in tokens or self._lengths[s] == 0 for s in covering):  # gaps are released slots: scratch rows
+            rows = covering
+            where: slice | Tensor = slice(covering[0], covering[-1] + 1)
+        else:
+            rows = list(slots)
+            where = self._tensor(rows)
+        mask = self._mask([self._lengths[s] + 1 for s in rows])
+        ids = self._tensor([tokens.get(s, 0) for s in rows])[:, None]
+        logits = self._run(ids, mask, where)[:, -1]
         for s in slots:
             self._lengths[s] += 1
-        return logits[:, -1]
+        return logits if rows == list(slots) else logits[[rows.index(s) for s in slots]]
 
     supports_extend = supports_prefix_reuse = True
 
@@ -42,7 +48,8 @@ class EagerRuntime(PaddedPrefill):
     def extend(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
         self._check_extend(slot, token_ids)
         total = self._lengths[slot] + len(token_ids)
-        logits = self._run(self._tensor([list(token_ids)]), self._mask([total]), slice(slot, slot + 1), fresh=False)
+        logits = self._run(self._tensor([list(token_ids)]), self._mask([total]), slice(slot, slot + 1),
+                           keep=0 if all_logits else 1)
         self._lengths[slot] = total
         return logits[0] if all_logits else logits[0, -1]
 
@@ -52,7 +59,8 @@ class EagerRuntime(PaddedPrefill):
     def _prefill_rows(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
         lengths = [len(p) for p in prompts]
         batch = self._tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
-        return self._run(batch, self._mask(lengths), slice(first_slot, first_slot + len(prompts)), fresh=True)
+        keep = 1 if not all_logits and len(prompts) == 1 else 0
+        return self._run(batch, self._mask(lengths), slice(first_slot, first_slot + len(prompts)), keep)
 
     def _tensor(self, values: list) -> Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -62,10 +70,14 @@ class EagerRuntime(PaddedPrefill):
         columns = torch.arange(max(lengths), device=self.device)
         return (columns[None, :] < self._tensor(lengths)[:, None]).to(torch.int64)
 
-    def _run(self, ids: Tensor, mask: Tensor, rows, fresh: bool) -> Tensor:
-        batch = ids.shape[0]
-        past = self.model.empty_cache(batch, self.capacity) if fresh else [(k[rows], v[rows]) for k, v in self.cache]
-        logits, presents = self.model(ids, mask, past)
+    def _run(self, ids: Tensor, mask: Tensor, rows: slice | Tensor, keep: int = 0) -> Tensor:
+        """The model over cache rows `rows`: a range is updated in place (views of the cache); scattered rows
+        (a tensor of indices) are gathered, run, and written back."""
+        if isinstance(rows, slice):
+            past = [(k[rows], v[rows]) for k, v in self.cache]
+            logits, _ = self.model(ids, mask, past, in_place=True, logits_to_keep=keep)
+            return logits.float()
+        logits, presents = self.model(ids, mask, [(k[rows], v[rows]) for k, v in self.cache], logits_to_keep=keep)
         for (k, v), (pk, pv) in zip(self.cache, presents):
             k[rows] = pk
             v[rows] = pv

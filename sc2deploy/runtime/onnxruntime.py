@@ -17,10 +17,12 @@ longer than C (tests/export/test_nodes.py). C is max(W, min(wanted, W + slack)) 
 CPU (slack amortises the compaction copy over G steps) and W on CUDA (its kernel requires
 C == W). Without a window the cache is linear: C = the wanted capacity, as in the contract.
 
-Decode of slots that are not one contiguous range (a finished sequence in the middle): on CPU
-the resident rows of those slots are gathered into a staging batch, run, and scattered back
-(exact; costs a copy of those rows' resident cache); on other devices the slots run as one
-call per contiguous run. The order of `slots` is free: logits come back in that order.
+Decode of slots that are not one contiguous range (a finished sequence in the middle): when the
+slots between them are released (Runtime.release: free, their rows scratch), one call covers the
+whole range, a placeholder token in each free row, whose logits are dropped: no copy and no
+allocation. Otherwise, on CPU, the resident rows of those slots are gathered into a staging batch,
+run, and scattered back (exact; costs a copy of those rows' resident cache); on other devices the
+slots run as one call per contiguous run. The order of `slots` is free: logits come back in that order.
 """
 from __future__ import annotations
 
@@ -169,8 +171,11 @@ class OrtRuntime(Runtime):
             self._check_room(self._lengths[s] + 1)
         order = sorted(range(len(slots)), key=lambda i: slots[i])
         ordered = [slots[i] for i in order]
-        if ordered == list(range(ordered[0], ordered[0] + len(ordered))):
+        covering = list(range(ordered[0], ordered[-1] + 1))
+        if ordered == covering:
             logits = self._decode_rows(ordered, [token_ids[i] for i in order], self._row_pointers(ordered[0]))
+        elif all(self._lengths[s] == 0 for s in set(covering) - set(ordered)):
+            logits = self._decode_covering(ordered, [token_ids[i] for i in order], covering)
         elif self.provider == "cpu":
             logits = self._decode_gathered(ordered, [token_ids[i] for i in order])
         else:
@@ -189,6 +194,16 @@ class OrtRuntime(Runtime):
         mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
         ids = np.asarray(token_ids, dtype=np.int64)[:, None]
         return self._run(ids, mask, pointers, keep=1, reuse=reuse)[:, 0]
+
+    def _decode_covering(self, slots: list[int], token_ids: list[int], covering: list[int]) -> np.ndarray:
+        """Slots with free slots between them: one call over the whole range, a placeholder token at position 0
+        of each free slot (its row is scratch until the next prefill); their logits are dropped."""
+        tokens = dict(zip(slots, token_ids))
+        totals = np.asarray([self._lengths[s] + 1 for s in covering])
+        mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)
+        ids = np.asarray([tokens.get(s, 0) for s in covering], dtype=np.int64)[:, None]
+        logits = self._run(ids, mask, self._row_pointers(covering[0]), keep=1, reuse=True)[:, 0]
+        return logits[[s - covering[0] for s in slots]]
 
     def _decode_gathered(self, slots: list[int], token_ids: list[int]) -> np.ndarray:
         """Non-contiguous slots on CPU: copy their resident cache rows into a staging batch and back."""

@@ -281,9 +281,11 @@ class Scheduler:
         start = time.perf_counter()
         logits = self.runtime.decode(slots, tokens)
         self.metrics.observe_step(len(slots), time.perf_counter() - start)
+        greedy = [row for row, slot in enumerate(slots) if self._running[slot].seq.params.greedy]
+        chosen = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist()))  # one argmax for all greedy rows
         for row, slot in enumerate(slots):
             request = self._running[slot]
-            self._deliver(request, request.seq.accept(logits[row]))
+            self._deliver(request, request.seq.accept(logits[row], chosen.get(row)))
 
     def _deliver(self, request: Request, text: str) -> None:
         seq, now = request.seq, time.monotonic()

@@ -135,3 +135,25 @@ def test_generate_cli_names_a_truncated_artifact(store, tmp_path, capsys):
     code = main(["generate", "--backend", "ort", "--artifact", str(copy), "--prompt-ids", "1,2,3"])
     err = capsys.readouterr().err
     assert code == 2 and "model.onnx.data is truncated" in err and "Traceback" not in err
+
+
+def test_released_slots_between_running_ones_decode_as_one_range(tiny):
+    source, artifact, prompts = tiny
+    runtimes = [OrtRuntime(artifact, max_batch=4), EagerRuntime(source, max_batch=4)]
+    tokens = [greedy(rt, prompts, 6) for rt in runtimes]
+    assert tokens[0] == tokens[1]
+    for rt in runtimes:
+        rt.release(1)  # finished: its row is scratch for the placeholder of the decodes over slots 0..3
+    runtimes[0]._bindings.clear()
+    for step in range(12):
+        logits = [rt.decode([3, 0, 2], [tokens[0][s][-1] for s in (3, 0, 2)]) for rt in runtimes]
+        assert (logits[0] - logits[1]).abs().max() < 1e-4
+        for slot, row in zip((3, 0, 2), logits[0]):
+            tokens[0][slot].append(int(row.argmax()))
+    assert runtimes[0].length(1) == 0 and runtimes[0].length(0) == len(prompts[0]) + 5 + 12
+    assert list(runtimes[0]._bindings) == [(runtimes[0]._row_pointers(0)[0][0], 4)]  # one call over 0..3, reused
+    # the scratch row takes a new sequence as any free slot does
+    fresh = [rt.prefill(1, prompts[2]) for rt in runtimes]
+    assert (fresh[0] - fresh[1]).abs().max() < 1e-4
+    both = [rt.decode([0, 1, 2, 3], [5, 6, 7, 8]) for rt in runtimes]
+    assert (both[0] - both[1]).abs().max() < 1e-4
