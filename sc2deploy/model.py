@@ -89,6 +89,9 @@ class Backbone(nn.Module):
 class Starcoder2(nn.Module):
     """Parameter names equal the Hugging Face checkpoint's (model.*, lm_head.weight)."""
 
+    cos_cache: Tensor  # buffers, registered in __init__
+    sin_cache: Tensor
+
     def __init__(self, config: Config):
         super().__init__()
         self.config = config

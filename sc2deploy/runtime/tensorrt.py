@@ -13,7 +13,10 @@ them), so a call reads the past from one buffer and writes the present into the 
     rows, present = nxt rows; then the decoded rows are copied back into cur (or, when every
     slot decodes, the buffers swap).
   * a prompt longer than the prefill profile is prefilled in chunks (past = cur, present =
-    nxt, copied back), which the contract supports exactly for any ring size.
+    nxt, copied back), which the contract supports exactly for any ring size; extend() (chunked
+    prefill, and the rest of a prompt whose prefix was restored from the prefix cache) is the same.
+Prefix reuse copies rows of `cur` (the contract's ring: slot = position % C); unverified here, as is
+all of this module (no TensorRT on these machines).
 Inputs follow the export: input_ids / attention_mask (int64; only row sums matter) and
 past_key_values.{i}.key|value; outputs logits and present.{i}.key|value.
 """
@@ -91,28 +94,42 @@ class TrtRuntime(Runtime):
         self._init_slots()
 
     # ---------------------------------------------------------------- Runtime
+    supports_extend = supports_prefix_reuse = True
+
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
         self._check_prefill(slot, token_ids)
         self._check_length(len(token_ids))
-        ids = list(token_ids)
+        return self._feed(slot, list(token_ids), 0, all_logits)
+
+    @torch.inference_mode()
+    def extend(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
+        self._check_extend(slot, token_ids)
+        self._check_length(self._lengths[slot] + len(token_ids))
+        return self._feed(slot, list(token_ids), self._lengths[slot], all_logits)
+
+    def _feed(self, slot: int, ids: list[int], past: int, all_logits: bool) -> Tensor:
+        """`ids` after the `past` tokens the slot holds, in chunks of the prefill profile."""
         pieces = []
         done = 0
+        rows = slice(slot, slot + 1)
         while done < len(ids):
             chunk = ids[done:done + self.max_input_len]
-            rows = slice(slot, slot + 1)
             tokens = torch.tensor([chunk], dtype=torch.int64, device=self.device)
-            mask = torch.ones((1, done + len(chunk)), dtype=torch.int64, device=self.device)
-            if done == 0:  # a first prompt reads no past: write the present straight into cur
+            mask = torch.ones((1, past + done + len(chunk)), dtype=torch.int64, device=self.device)
+            if past + done == 0:  # a first prompt reads no past: write the present straight into cur
                 logits = self._run(PREFILL_CONTEXT, tokens, mask, past=self._nxt, present=self._cur, rows=rows)
             else:
                 logits = self._run(PREFILL_CONTEXT, tokens, mask, past=self._cur, present=self._nxt, rows=rows)
                 self._copy_back([slot])
             pieces.append(logits[0] if all_logits else logits[0, -1:])
             done += len(chunk)
-        self._lengths[slot] = len(ids)
+        self._lengths[slot] = past + len(ids)
         out = torch.cat(pieces).float().cpu()
         return out if all_logits else out[-1]
+
+    def _cache_rows(self, slot: int) -> list[tuple[Tensor, Tensor]]:
+        return [(key[slot], value[slot]) for key, value in self._cur]  # the contract's ring, on the GPU
 
     @torch.inference_mode()
     def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:

@@ -53,8 +53,8 @@ class PrefixCache:
             if length and (best is None or length > best.length):
                 best = Match(length, state=state)
                 best_key = key
-        for tokens, slot in live:
-            length = self._usable(query, np.asarray(tokens, dtype=np.int64), len(tokens))
+        for held, slot in live:
+            length = self._usable(query, np.asarray(held, dtype=np.int64), len(held))
             if length and (best is None or length > best.length):
                 best = Match(length, slot=slot)
         if best is None:

@@ -114,7 +114,7 @@ class Scheduler:
         self.prefix_cache = PrefixCache(runtime, prefix_cache_bytes, self.metrics)
         self._lock = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._prefilling: list[Request] = []  # hold a slot, prompt partly in the cache; engine thread only
+        self._prefilling: dict[int, Request] = {}  # slot -> request whose prompt is partly in the cache
         self._running: dict[int, Request] = {}  # slot -> request; engine thread only
         self._free = list(range(self.max_batch))  # a heap: lowest free slot first
         self._ids = itertools.count(1)
@@ -192,16 +192,16 @@ class Scheduler:
                     self._decode()
             except Exception:  # a bug or a runtime failure: fail what is running, keep serving
                 log.exception("engine step failed; ending the running requests")
-                for request in list(self._running.values()) + self._prefilling:
+                for request in list(self._running.values()) + list(self._prefilling.values()):
                     self._finish(request, Finished("error", error="the engine failed on this request"))
 
     def _reap(self) -> None:
         now = time.monotonic()
         if self._cancel_all:
             with self._lock:
-                for request in list(self._waiting) + list(self._running.values()) + self._prefilling:
+                for request in list(self._waiting) + list(self._running.values()) + list(self._prefilling.values()):
                     request.cancel()
-        for request in list(self._running.values()) + self._prefilling:
+        for request in list(self._running.values()) + list(self._prefilling.values()):
             if request.cancelled or request.expired(now):
                 self._end_early(request, now)
         with self._lock:
@@ -225,28 +225,31 @@ class Scheduler:
                 if not self._free or not self._waiting:
                     break
                 request = self._waiting.popleft()
-                request.slot = heapq.heappop(self._free)
+                request.slot = slot = heapq.heappop(self._free)
                 self.metrics.queue_depth.set(len(self._waiting))
-            self._prefilling.append(request)
+            self._prefilling[slot] = request
             match = self.prefix_cache.lookup(request.job.prompt_ids, self._live())
             if match is not None:
-                state = match.state if match.state is not None else self.runtime.snapshot(match.slot, match.length)
-                self.runtime.restore(request.slot, state, match.length)
+                state = match.state
+                if state is None:  # a running sequence's: copied out of its slot
+                    assert match.slot is not None
+                    state = self.runtime.snapshot(match.slot, match.length)
+                self.runtime.restore(slot, state, match.length)
                 request.cursor = match.length
 
     def _live(self):
         """(tokens in the cache, slot) of the sequences holding a slot, as prefix sources."""
         for slot, request in self._running.items():
             yield (request.seq.prompt_ids + request.seq.output_ids)[:self.runtime.length(slot)], slot
-        for request in self._prefilling:
+        for slot, request in self._prefilling.items():
             if request.cursor:
-                yield request.job.prompt_ids[:request.cursor], request.slot
+                yield request.job.prompt_ids[:request.cursor], slot
 
     def _prefill(self) -> None:
         """Up to `prefill_tokens` prompt tokens, oldest request first; at least one chunk per iteration."""
         budget = self.prefill_tokens
         chunked = self.runtime.supports_extend
-        for request in list(self._prefilling):
+        for slot, request in list(self._prefilling.items()):
             if budget <= 0:
                 break
             prompt = request.job.prompt_ids
@@ -262,17 +265,16 @@ class Scheduler:
             self.metrics.prompt_tokens.inc(size)
             try:
                 if request.cursor:
-                    logits = self.runtime.extend(request.slot, chunk)
+                    logits = self.runtime.extend(slot, chunk)
                 else:
-                    logits = self.runtime.prefill(request.slot, chunk)
+                    logits = self.runtime.prefill(slot, chunk)
             except Exception:
                 log.exception("prefill failed for request %d", request.id, extra={"request_id": request.request_id})
                 self._finish(request, Finished("error", error="prefill failed on this request"))
                 continue
             request.cursor += size
             if request.cursor == len(prompt):
-                self._prefilling.remove(request)
-                self._running[request.slot] = request
+                self._running[slot] = self._prefilling.pop(slot)
                 self._deliver(request, request.seq.accept(logits))
 
     def _decode(self) -> None:
@@ -305,15 +307,16 @@ class Scheduler:
         if seq.done:
             self._finish(request, Finished(seq.finish_reason or "length", self._stop_sequence(seq)))
 
-    def _keep_prefix(self, request: Request, finished: Finished) -> None:
+    def _keep_prefix(self, request: Request, slot: int, finished: Finished) -> None:
         """The finished sequence's cache goes to the prefix cache (not after a failure: it may be partial)."""
-        length = self.runtime.length(request.slot) if request.cursor == len(request.job.prompt_ids) else request.cursor
+        held = self.runtime.length(slot)
+        length = held if request.cursor == len(request.job.prompt_ids) else request.cursor
         if not self.prefix_cache.enabled or finished.reason == "error" or not length:
             return
-        if not self.runtime.reusable(self.runtime.length(request.slot), length):
+        if not self.runtime.reusable(held, length):
             return
         tokens = (request.seq.prompt_ids + request.seq.output_ids)[:length]
-        self.prefix_cache.store(tokens, self.runtime.snapshot(request.slot, length))
+        self.prefix_cache.store(tokens, self.runtime.snapshot(slot, length))
 
     def _stop_sequence(self, seq: Sequence) -> str:
         if seq.finish_reason != FINISH_STOP:
@@ -326,15 +329,16 @@ class Scheduler:
         finished.prompt_tokens = len(request.job.prompt_ids)
         finished.completion_tokens = len(request.seq.output_ids)
         finished.trimmed = request.job.trimmed
-        if request.slot is not None:
-            if self._running.get(request.slot) is request:
-                del self._running[request.slot]
+        slot = request.slot
+        if slot is not None:
+            if self._running.get(slot) is request:
+                del self._running[slot]
             else:
-                self._prefilling.remove(request)
-            self._keep_prefix(request, finished)
-            self.runtime.release(request.slot)
+                del self._prefilling[slot]
+            self._keep_prefix(request, slot, finished)
+            self.runtime.release(slot)
             with self._lock:
-                heapq.heappush(self._free, request.slot)
+                heapq.heappush(self._free, slot)
             request.slot = None
             self.metrics.running.set(len(self._running))
         request.emit(finished)
