@@ -56,6 +56,11 @@ class Runtime(ABC):
         """
         return [self.prefill(slot, ids, all_logits=True) for slot, ids in enumerate(prompts)]
 
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Start a sequence in each of `slots`; the logits of each prompt's last token. Runtimes that run
+        prompts for a range of slots in one call (right padding) override this."""
+        return [self.prefill(slot, ids) for slot, ids in zip(slots, prompts)]
+
     supports_extend = False  # whether extend() works: chunked prefill and prefix reuse need it
 
     def extend(self, slot: int, token_ids: Sequence[int], all_logits: bool = False) -> Tensor:
@@ -180,6 +185,17 @@ class PaddedPrefill(Runtime):
         for slot, p in enumerate(prompts):
             self._lengths[slot] = len(p)
         return [logits[row, :len(p)] for row, p in enumerate(prompts)]
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+        if len(slots) < 2 or list(slots) != list(range(slots[0], slots[0] + len(slots))):
+            return super().prefill_many(slots, prompts)
+        for slot, prompt in zip(slots, prompts):
+            self._check_prefill(slot, prompt)
+        logits = self._prefill_rows([list(p) for p in prompts], slots[0], all_logits=True)
+        for slot, p in zip(slots, prompts):
+            self._lengths[slot] = len(p)
+        return [logits[row, len(p) - 1] for row, p in enumerate(prompts)]
 
 
 def _copy(array: Any) -> Any:

@@ -130,7 +130,18 @@ class OrtRuntime(Runtime):
         return _to_torch(logits[0] if all_logits else logits[0, -1], copied=True)
 
     def prefill_batch(self, prompts: Sequence[Sequence[int]]) -> list[Tensor]:
-        for slot, prompt in enumerate(prompts):
+        logits = self._prefill_rows(list(range(len(prompts))), prompts)
+        return [_to_torch(logits[row, :len(p)], copied=True) for row, p in enumerate(prompts)]
+
+    def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[Tensor]:
+        if len(slots) < 2 or list(slots) != list(range(slots[0], slots[0] + len(slots))):
+            return super().prefill_many(slots, prompts)
+        logits = self._prefill_rows(list(slots), prompts)  # every position's: the rows end at different columns
+        return [_to_torch(logits[row, len(p) - 1]) for row, p in enumerate(prompts)]
+
+    def _prefill_rows(self, slots: list[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Fresh prompts into the contiguous `slots`, right-padded in one call; the logits of every position."""
+        for slot, prompt in zip(slots, prompts):
             self._check_prefill(slot, prompt)
             self._check_room(len(prompt))
         longest = max(len(p) for p in prompts)
@@ -139,10 +150,10 @@ class OrtRuntime(Runtime):
         for row, p in enumerate(prompts):
             ids[row, :len(p)] = p
             mask[row, :len(p)] = 1
-        logits = self._run(ids, mask, self._row_pointers(0), keep=0)
-        for slot, p in enumerate(prompts):
+        logits = self._run(ids, mask, self._row_pointers(slots[0]), keep=0)
+        for slot, p in zip(slots, prompts):
             self._lengths[slot] = len(p)
-        return [_to_torch(logits[row, :len(p)], copied=True) for row, p in enumerate(prompts)]
+        return logits
 
     supports_extend = True
 

@@ -7,7 +7,8 @@ Policy, one iteration of the engine loop:
                that starts like a stored or running sequence restores that prefix's cache (prefix_cache.py)
                and prefills only the rest;
   3. prefill - at most `prefill_tokens` prompt tokens per iteration (at least one chunk), the oldest
-               admitted request first: a long prompt goes in chunks, one per iteration, between the decode
+               admitted request first; the fresh prompts that fit go in one call (right-padded, for a
+               range of slots), a long prompt goes in chunks, one per iteration, between the decode
                steps of the running streams, so a 4,000-token prompt delays them by one chunk per step
                instead of all of it at once. A request whose prompt is complete yields its first token;
   4. decode  - one runtime.decode step for every running sequence together; each sequence accepts its
@@ -249,11 +250,16 @@ class Scheduler:
         """Up to `prefill_tokens` prompt tokens, oldest request first; at least one chunk per iteration."""
         budget = self.prefill_tokens
         chunked = self.runtime.supports_extend
+        whole: list[tuple[int, Request]] = []  # fresh prompts that fit: one call for them all
         for slot, request in list(self._prefilling.items()):
             if budget <= 0:
                 break
             prompt = request.job.prompt_ids
             left = len(prompt) - request.cursor
+            if request.cursor == 0 and left <= budget:
+                whole.append((slot, request))
+                budget -= left
+                continue
             if chunked:
                 size = min(left, budget)
             elif left > budget and budget < self.prefill_tokens:
@@ -274,8 +280,28 @@ class Scheduler:
                 continue
             request.cursor += size
             if request.cursor == len(prompt):
-                self._running[slot] = self._prefilling.pop(slot)
-                self._deliver(request, request.seq.accept(logits))
+                self._start(slot, request, logits)
+        if whole:
+            self._prefill_whole(whole)
+
+    def _prefill_whole(self, whole: list[tuple[int, Request]]) -> None:
+        prompts = [request.job.prompt_ids for _, request in whole]
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        try:
+            logits = self.runtime.prefill_many([slot for slot, _ in whole], prompts)
+        except Exception:
+            log.exception("prefill failed for requests %s", [r.id for _, r in whole])
+            for _, request in whole:
+                self._finish(request, Finished("error", error="prefill failed on this request"))
+            return
+        for (slot, request), row in zip(whole, logits):
+            request.cursor = len(request.job.prompt_ids)
+            self._start(slot, request, row)
+
+    def _start(self, slot: int, request: Request, logits) -> None:
+        """The prompt is in the cache: the request runs, and its first token goes out."""
+        self._running[slot] = self._prefilling.pop(slot)
+        self._deliver(request, request.seq.accept(logits))
 
     def _decode(self) -> None:
         slots = sorted(self._running)
