@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,6 +91,27 @@ def infer_backend(args) -> str:
 
     backend = args.backend or ("ort" if args.artifact else "trt" if args.engine else "eager")
     return check_choice(backend, BACKENDS, "backend")
+
+
+def check_readable(folder: str | None, flag: str) -> None:
+    """A UserError now when `folder` or a file in it cannot be read by this process (a volume mounted with
+    another owner, as in a container), instead of a traceback from deep inside a loader."""
+    if folder is None or not Path(folder).is_dir():
+        return
+    path = Path(folder)
+    try:
+        denied = next((p for p in path.iterdir() if p.is_file() and not os.access(p, os.R_OK)), None)
+    except PermissionError:
+        denied = path
+    if denied is None:
+        return
+    try:
+        owner = f", owned by uid {denied.stat().st_uid}"
+    except OSError:
+        owner = ""
+    raise UserError(f"cannot read {flag} {folder}: permission denied on {denied.name or denied} for uid "
+                    f"{os.getuid()}{owner}; make it readable by this user (chmod -R a+rX, a Kubernetes fsGroup, or "
+                    f"run as its owner)")
 
 
 def runtime_folder(args, backend: str) -> str:

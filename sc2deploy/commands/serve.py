@@ -13,8 +13,8 @@ import threading
 from pathlib import Path
 
 from sc2deploy.commands.common import (add_device, add_no_verify, add_run_dtype, add_weights, check_dtype,
-                                       infer_backend, notice, open_weights, positive_int, resolve_device,
-                                       runtime_folder)
+                                       check_readable, infer_backend, notice, open_weights, positive_int,
+                                       resolve_device, runtime_folder)
 from sc2deploy.commands.environment import PREFIX
 from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
@@ -180,6 +180,8 @@ def run(args) -> int:
 def _serve(args) -> int:
     from sc2deploy.config import Config
 
+    for folder, flag in ((args.checkpoint, "--checkpoint"), (args.artifact, "--artifact"), (args.engine, "--engine")):
+        check_readable(folder, flag)
     folder = args.checkpoint or args.artifact or args.engine
     if folder is not None and (Path(folder) / "config.json").is_file():
         Config.load(folder)  # a bad config.json fails now, before the serving stack is imported

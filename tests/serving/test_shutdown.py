@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,3 +136,28 @@ def test_serve_usage_errors_are_messages(tmp_path):
         done = subprocess.run([sys.executable, "-m", "sc2deploy.cli", "serve", "--size", "tiny", "--port", "0", *args],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("locked", ["folder", "file"])
+def test_an_unreadable_artifact_is_one_line_and_exit_2(tmp_path, locked):
+    # a volume mounted with another owner, as in a container; root reads everything, so it runs without the
+    # capabilities that let it (setpriv, util-linux)
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "sc2deploy.json").write_text("{}")
+    (folder if locked == "folder" else folder / "sc2deploy.json").chmod(0o000)
+    command = [sys.executable, "-m", "sc2deploy.cli", "serve", "--artifact", str(folder), "--port", "0"]
+    if os.getuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv (util-linux) to drop the capability to read anything")
+        drop = "-dac_override,-dac_read_search"
+        command = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", *command]
+    try:
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        folder.chmod(0o755)
+        (folder / "sc2deploy.json").chmod(0o644)
+    assert done.returncode == 2, done.stderr
+    assert "cannot read --artifact" in done.stderr and "permission denied" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
