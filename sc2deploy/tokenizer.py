@@ -3,10 +3,10 @@
 Prompt conventions (control tokens are always inserted by id, never parsed out of user text):
   FIM:        <fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>            (the model writes the middle)
   repo-level: <repo_name>{name}<file_sep>{path}\\n{code}<file_sep>{path}\\n{code}...
-  repo + FIM: the last file's code becomes the FIM prefix, after its path line (our choice; unverified
-              against StarCoder2's training data, which is not public in this detail):
+  repo + FIM: the last file is FIM-transformed with its path line inside the prefix, as StarCoder2 was trained
+              (StarCoder2 paper, arXiv:2402.19173, "<file_sep><fim_prefix>filepath1\\ncode1_pre<fim_suffix>..."):
               <repo_name>{name}<file_sep>{path}\\n{code}...
-              <file_sep>{path}\\n<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>      (one line, no break)
+              <file_sep><fim_prefix>{path}\\n{prefix}<fim_suffix>{suffix}<fim_middle>      (one line, no break)
 Each text piece between control tokens is encoded on its own, so prompt ids equal the concatenation of
 those encodings (and equal Hugging Face's encoding of the prompt string when the text holds no special tokens).
 
@@ -81,7 +81,7 @@ def _repo_parts(repo_name: str | None, files: Sequence[tuple[str, str]], suffix:
     parts: list[tuple[str, str]] = [] if repo_name is None else [("special", REPO_NAME), ("text", repo_name)]
     for i, (path, code) in enumerate(files):
         if suffix is not None and i == len(files) - 1:
-            parts += [("special", FILE_SEP), ("text", f"{path}\n"), ("special", FIM_PREFIX), ("text", code),
+            parts += [("special", FILE_SEP), ("special", FIM_PREFIX), ("text", f"{path}\n{code}"),
                       ("special", FIM_SUFFIX), ("text", suffix), ("special", FIM_MIDDLE)]
         else:
             parts += [("special", FILE_SEP), ("text", f"{path}\n{code}")]
@@ -264,7 +264,7 @@ class Tokenizer:
                             f"for code within {budget} tokens; shorten the repo name or file path, or ask for "
                             f"fewer tokens")
         prefix_room, suffix_room = self._split(prefix, suffix, budget - frame)
-        while True:  # only a repo-level prompt without FIM can overshoot: its path line and code are one text
+        while True:  # a repo-level prompt can overshoot: its path line and code are one text
             kept_prefix = self._keep(prefix, prefix_room, end=True)
             kept_suffix = None if suffix is None else self._keep(suffix, suffix_room, end=False)
             ids = build(kept_prefix, kept_suffix, ())

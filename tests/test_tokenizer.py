@@ -172,10 +172,11 @@ def test_repo_prompt_ids(tok):
 def test_repo_prompt_with_fim(tok):
     files = [("a.py", "X = 1\n"), ("b.py", PREFIX)]
     ids = tok.repo_prompt_ids("octo/demo", files, suffix=SUFFIX)
-    assert ids == ([5] + tok.encode("octo/demo") + [6] + tok.encode("a.py\nX = 1\n") + [6] + tok.encode("b.py\n")
-                   + tok.fim_prompt_ids(PREFIX, SUFFIX))
+    # the path line is part of the FIM prefix, as in StarCoder2's training data (arXiv:2402.19173)
+    assert ids == ([5] + tok.encode("octo/demo") + [6] + tok.encode("a.py\nX = 1\n") + [6]
+                   + tok.fim_prompt_ids("b.py\n" + PREFIX, SUFFIX))
     text = repo_prompt("octo/demo", files, suffix=SUFFIX)
-    assert text == "<repo_name>octo/demo<file_sep>a.py\nX = 1\n<file_sep>b.py\n" + fim_prompt(PREFIX, SUFFIX)
+    assert text == "<repo_name>octo/demo<file_sep>a.py\nX = 1\n<file_sep>" + fim_prompt("b.py\n" + PREFIX, SUFFIX)
     assert tok.encode(text, parse_special=True) == ids
     files = [("<file_sep>", "<|endoftext|>"), ("x", "<fim_middle>")]
     injected = tok.repo_prompt_ids("<repo_name>", files, suffix="<fim_pad>")

@@ -114,7 +114,7 @@ def test_the_cursor_comes_before_context_files(tok):
     ids, trimmed, kept_prefix, kept_suffix = repo_case(tok, PREFIX, SUFFIX, 128)
     assert trimmed is not None and trimmed.context_files == len(FILES) and trimmed.prefix_chars > 0
     assert trimmed.suffix_chars > 0 and kept_prefix and kept_suffix
-    assert tok.decode(ids).startswith("<repo_name>octo/demo<file_sep>src/app.py\n<fim_prefix>")
+    assert tok.decode(ids).startswith("<repo_name>octo/demo<file_sep><fim_prefix>src/app.py\n")
 
 
 def test_repo_level_without_fim_keeps_the_path_line_and_the_end_of_the_code(tok):
