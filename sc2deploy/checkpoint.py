@@ -20,6 +20,8 @@ from sc2deploy.config import Config, torch_dtype
 from sc2deploy.contract import sha256_file
 from sc2deploy.errors import UserError
 from sc2deploy.staging import staging_folder
+from sc2deploy.tasks import (BASE_MODEL, CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS, TOKEN_CLASSIFICATION,
+                             require_task)
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors dtypes read as weights (cast on read); never ints or bools
@@ -83,6 +85,10 @@ class CheckpointSource(TensorSource):
         headers = {f: _safetensors_header(f) for f in set(self._file_of.values())}
         for name, shape in expected.items():
             if name not in self._file_of:
+                mismatch = self._architecture_mismatch()
+                if mismatch:
+                    raise UserError(f"checkpoint {self.folder} has no tensor {name}, which "
+                                    f"{self.config.head.architecture} needs (shape {list(shape)}); {mismatch}")
                 raise UserError(f"checkpoint {self.folder} has no tensor {name} "
                                 f"(expected for StarCoder2 with this config.json, shape {list(shape)})")
             entry = headers[self._file_of[name]].get(name)
@@ -100,9 +106,21 @@ class CheckpointSource(TensorSource):
             ignorable += ("lm_head.weight",)  # some tied checkpoints still store the head
         unexpected = [n for n in self._file_of if n not in expected and not n.endswith(ignorable)]
         if unexpected:
+            mismatch = self._architecture_mismatch()
             raise UserError(f"checkpoint {self.folder} has unexpected tensor {unexpected[0]}"
                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-                            + "; is it a StarCoder2 checkpoint matching its config.json?")
+                            + (f"; {mismatch}" if mismatch else
+                               "; is it a StarCoder2 checkpoint matching its config.json?"))
+
+    def _architecture_mismatch(self) -> str | None:
+        """What the tensor names say the checkpoint is, when config.json's architectures says otherwise."""
+        found = _architecture_of(set(self._file_of))
+        named = self.config.head.architecture
+        if found == named:
+            return None
+        default = " (also the default when it names none)" if named == CAUSAL_LM else ""
+        return (f"its tensors are those of a {found}, but config.json's architectures gives {named}{default}: set "
+                f'"architectures": ["{found}"] in {self.folder / "config.json"}, or use the checkpoint that matches it')
 
     def get(self, name: str, dtype: str) -> Tensor:
         from safetensors import SafetensorError, safe_open
@@ -117,6 +135,17 @@ class CheckpointSource(TensorSource):
 
     def file_hashes(self) -> dict[str, str]:
         return {p.name: sha256_file(p) for p in sorted(set(self._file_of.values()))}
+
+
+def _architecture_of(names: set[str]) -> str:
+    """The StarCoder2 class whose checkpoints have tensors named so (transformers' names, tasks.py)."""
+    if "score.bias" in names:
+        return TOKEN_CLASSIFICATION
+    if "score.weight" in names:
+        return SEQUENCE_CLASSIFICATION  # or a token classifier without a bias: config.json tells them apart
+    if any(n.startswith("embed_tokens.") for n in names):
+        return BASE_MODEL
+    return CAUSAL_LM
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -267,15 +296,25 @@ def _write_safetensors(path: Path, names: list[str], shapes: dict, dtype: str, s
 
 # ---------------------------------------------------------------- model loading
 def load_model(source: TensorSource, dtype: str = "fp32", device: torch.device | str | None = None):
-    """Build the reference model from `source` on `device` (default the CPU) without ever holding two copies
-    of a weight: each tensor moves there as soon as it is read."""
-    from sc2deploy.attention import rope_cache
+    """Build the reference model (the causal LM) from `source` on `device` (default the CPU) without ever holding
+    two copies of a weight: each tensor moves there as soon as it is read."""
     from sc2deploy.model import Starcoder2
+
+    rerun = f"--checkpoint {source.folder}" if isinstance(source, CheckpointSource) else ""
+    require_task(source.config.head, (TASKS[CAUSAL_LM],), source.description, rerun)
+    return load_weights(Starcoder2, source, dtype, device)
+
+
+def load_weights(model_class: Callable[[Config], torch.nn.Module], source: TensorSource, dtype: str = "fp32",
+                 device: torch.device | str | None = None):
+    """`model_class(config)` (parameters named as `source`'s tensors, RoPE tables cos_cache/sin_cache) with
+    `source`'s weights, built as load_model builds the reference model."""
+    from sc2deploy.attention import rope_cache
 
     config = source.config
     device = torch.device("cpu" if device is None else device)
     with torch.device("meta"):
-        model = Starcoder2(config)
+        model = model_class(config)
     params = dict(model.named_parameters())
     for name in source.names():
         tensor = source.get(name, dtype).to(device)

@@ -11,7 +11,8 @@ from sc2deploy.commands.environment import BadVariable, CommandParser
 from sc2deploy.errors import UserError
 
 # name -> module in sc2deploy.commands; each module has `register(subparsers)` setting `func`.
-COMMANDS = ["info", "checkpoint", "generate", "export", "parity", "serve", "complete", "build", "selftest"]
+COMMANDS = ["info", "checkpoint", "generate", "classify", "embed", "export", "parity", "serve", "complete", "build",
+            "selftest"]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sc2deploy.contract import DTYPE_BYTES, TORCH_DTYPE_NAMES
 from sc2deploy.errors import UserError
+from sc2deploy.tasks import CAUSAL_LM, Head
 
 
 # Bounds on config values (inclusive), generous for any real model: the largest released dense models
@@ -86,6 +87,7 @@ class Config:
     eos_token_id: int = 0
     hidden_act: str = "gelu_pytorch_tanh"
     head_dim_override: int | None = None
+    head: Head = Head()  # what runs on top of the body: config.json's architectures (sc2deploy/tasks.py)
 
     def __post_init__(self) -> None:
         """The one validation of a config, in cheap arithmetic: types, then LIMITS, then how fields relate,
@@ -106,6 +108,9 @@ class Config:
                 raise UserError(f"{name} is {_show(getattr(self, name))}; expected true or false")
         for name in ("bos_token_id", "eos_token_id"):
             _check_int(name, getattr(self, name), 0, self.vocab_size - 1, f"(a token id below vocab_size {self.vocab_size})")
+        if self.head.pad_token_id is not None:  # padding columns are embedded like any token
+            _check_int("pad_token_id", self.head.pad_token_id, 0, self.vocab_size - 1,
+                       f"(a token id below vocab_size {self.vocab_size}) or null")
         if self.hidden_act not in HIDDEN_ACTS:
             raise UserError(f"hidden_act is {_show(self.hidden_act)}; expected one of {', '.join(HIDDEN_ACTS)} "
                             "(StarCoder2 uses gelu_pytorch_tanh)")
@@ -157,11 +162,12 @@ class Config:
         return self.num_key_value_heads * self.head_dim
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor of a Hugging Face StarCoder2 checkpoint, in file order."""
+        """Every tensor of a Hugging Face StarCoder2 checkpoint of this head, in file order."""
         h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_size, self.kv_size
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        body = self.head.body_prefix
+        shapes: dict[str, tuple[int, ...]] = {f"{body}embed_tokens.weight": (self.vocab_size, h)}
         for n in range(self.num_hidden_layers):
-            p = f"model.layers.{n}."
+            p = f"{body}layers.{n}."
             linears = {
                 "self_attn.q_proj": (q, h),
                 "self_attn.k_proj": (kv, h),
@@ -177,10 +183,9 @@ class Config:
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 shapes[p + norm + ".weight"] = (h,)
                 shapes[p + norm + ".bias"] = (h,)
-        shapes["model.norm.weight"] = (h,)
-        shapes["model.norm.bias"] = (h,)
-        if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (self.vocab_size, h)
+        shapes[f"{body}norm.weight"] = (h,)
+        shapes[f"{body}norm.bias"] = (h,)
+        shapes.update(self.head.tensor_shapes(h, self.vocab_size, self.tie_word_embeddings))
         return shapes
 
     @property
@@ -190,8 +195,8 @@ class Config:
         linears = 2 * h * (q + kv) + 2 * h * i  # q, k, v, o; c_fc, c_proj
         biases = (q + 2 * kv + h + i + h) if self.use_bias else 0
         norms = 2 * 2 * h  # two layer norms, weight and bias
-        heads = 1 if self.tie_word_embeddings else 2  # embedding, and lm_head unless tied
-        return heads * self.vocab_size * h + self.num_hidden_layers * (linears + biases + norms) + 2 * h
+        head = sum(math.prod(s) for s in self.head.tensor_shapes(h, self.vocab_size, self.tie_word_embeddings).values())
+        return self.vocab_size * h + head + self.num_hidden_layers * (linears + biases + norms) + 2 * h
 
     def weight_bytes(self, dtype: str) -> int:
         return self.num_parameters * dtype_bytes(dtype)
@@ -211,7 +216,7 @@ class Config:
     # ---- Hugging Face config.json ----
     def to_hf_dict(self) -> dict:
         d = {
-            "architectures": ["Starcoder2ForCausalLM"],
+            "architectures": [CAUSAL_LM],
             "model_type": "starcoder2",
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -236,6 +241,8 @@ class Config:
         }
         if self.head_dim_override:
             d["head_dim"] = self.head_dim_override
+        if self.head != Head():
+            d.update(self.head.to_hf_dict())
         return d
 
     @classmethod
@@ -276,7 +283,7 @@ class Config:
             head_dim_override=d.get("head_dim"),
         )
         try:
-            config = cls(**kwargs)
+            config = cls(**kwargs, head=Head.from_hf_dict(d))
         except UserError as e:
             raise UserError(f"{source}: {e}") from None
         if config.head_dim_override == config.hidden_size // config.num_attention_heads:

@@ -3,8 +3,8 @@
 One place for the graph's I/O names, the attention node's identity per target, the dtype tables, and the
 two folder formats with their manifest (`sc2deploy.json`: one typed Manifest, one writer, one reader, each
 format versioned). The exporter, `build`, the runtimes, parity, the genai config and the TensorRT rules
-import it; none re-declares any of it. It imports only the standard library and sc2deploy.errors, so a
-runtime that reads an artifact depends on neither the exporter nor the engine builder.
+import it; none re-declares any of it. It imports only the standard library, sc2deploy.errors and
+sc2deploy.tasks, so a runtime that reads an artifact depends on neither the exporter nor the engine builder.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sc2deploy.errors import UserError
+from sc2deploy.tasks import COMMAND_OF_TASK, FEATURE_EXTRACTION, TEXT_GENERATION
 
 # ---------------------------------------------------------------- dtypes
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -33,6 +34,15 @@ INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
 # last k positions only.
 LOGITS_TO_KEEP = "logits_to_keep"
 KV_KINDS = ("key", "value")
+
+
+# The other heads' artifacts (sc2deploy/tasks.py) are prefill only: no cache inputs or outputs.
+LAST_HIDDEN_STATE = "last_hidden_state"
+
+
+def head_graph_io(task: str) -> tuple[list[str], list[str]]:
+    """A head artifact's graph (inputs, outputs): logits of a classifier, else the base model's hidden states."""
+    return [INPUT_IDS, ATTENTION_MASK], [LAST_HIDDEN_STATE if task == FEATURE_EXTRACTION else LOGITS]
 
 
 def past_name(layer: int | str, kind: str) -> str:
@@ -125,6 +135,11 @@ class Manifest:
         return self.details.get("target") if self.kind == ARTIFACT else "trt"
 
     @property
+    def task(self) -> str:
+        """What an artifact's graph computes (sc2deploy/tasks.py); artifacts without one are causal LMs."""
+        return str(self.details.get("task", TEXT_GENERATION))
+
+    @property
     def source(self) -> dict[str, Any]:
         """The weights it was made from: {"kind": "checkpoint", "path", "sha256": {file: hash}} or "random"."""
         source = self.details.get("source")
@@ -209,7 +224,9 @@ def read_manifest(folder: str | Path, kind: str | None) -> Manifest:
         raise UserError(f"{folder} is not an sc2deploy {what} (no {MANIFEST}; an interrupted write lacks it); {remedy}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UserError(f"{path} is not valid JSON ({str(e)[:200]}); {remedy}") from None
     found = data.get("format") if isinstance(data, dict) else None
     other = next((k for k, (name, _) in FORMATS.items() if name == found and k != kind), None)
@@ -271,10 +288,16 @@ def check_external_data(model_path: Path) -> None:
 
 
 def open_artifact_manifest(folder: str | Path, target: str, hashes: bool = True,
-                           has_sha256: Callable[[Path, str], bool] = file_has_sha256) -> Manifest:
-    """The manifest of an export artifact for `target`, after verify_files."""
+                           has_sha256: Callable[[Path, str], bool] = file_has_sha256,
+                           tasks: tuple[str, ...] = (TEXT_GENERATION,)) -> Manifest:
+    """The manifest of an export artifact for `target` and one of `tasks`, after verify_files."""
     manifest = read_manifest(folder, ARTIFACT)
     verify_files(folder, manifest, hashes, has_sha256)
+    if manifest.task not in tasks:
+        command = COMMAND_OF_TASK.get(manifest.task)
+        raise UserError(f"{folder} is a {manifest.task} artifact, not {' or '.join(tasks)}; "
+                        + (f"run it with `sc2deploy {command} --artifact {folder}`" if command else
+                           "this sc2deploy does not know that task: upgrade sc2deploy"))
     if manifest.target != target:
         how = ("`sc2deploy export ... --target trt` (the plugin graph), then `sc2deploy build`" if target == "trt"
                else "`sc2deploy export ... --target ort`")

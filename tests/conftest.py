@@ -43,9 +43,12 @@ HF_CONFIGS = {
 }
 
 
-def make_hf_model(folder: Path, seed: int = 0, vocab_size: int = 1000, head_dim: int = 16, **overrides):
-    """A random Starcoder2ForCausalLM saved with save_pretrained: a real Hugging Face checkpoint."""
-    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+def make_hf_model(folder: Path, seed: int = 0, vocab_size: int = 1000, head_dim: int = 16,
+                  architecture: str = "Starcoder2ForCausalLM", **overrides):
+    """A random Starcoder2ForCausalLM (or another StarCoder2 class: `architecture`) saved with save_pretrained: a
+    real Hugging Face checkpoint."""
+    import transformers
+    from transformers import Starcoder2Config
 
     heads = overrides.pop("num_attention_heads", 4)
     fields = dict(vocab_size=vocab_size, hidden_size=heads * head_dim, intermediate_size=4 * heads * head_dim,
@@ -54,7 +57,7 @@ def make_hf_model(folder: Path, seed: int = 0, vocab_size: int = 1000, head_dim:
                   eos_token_id=0, tie_word_embeddings=False, use_bias=True)
     fields.update(overrides)
     torch.manual_seed(seed)
-    model = Starcoder2ForCausalLM(Starcoder2Config(**fields)).eval()
+    model = getattr(transformers, architecture)(Starcoder2Config(**fields)).eval()
     with torch.no_grad():  # transformers initialises biases and norms to constants: randomise them too
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -11,6 +11,7 @@ from sc2deploy.commands.common import (add_renamed_seed, add_size, add_weights_s
 from sc2deploy.commands.progress import StageLog, progress_bar
 from sc2deploy.errors import UserError
 from sc2deploy.quantization import SCHEMES, QuantScheme
+from sc2deploy.tasks import TEXT_GENERATION
 
 DESCRIPTION = """\
 Export StarCoder2 to ONNX. The graph is traced from sc2deploy's reference model (on PyTorch's
@@ -45,6 +46,13 @@ com.microsoft::GatherBlockQuantized; biases and layer norms keep the dtype. The 
 quantized while they stream, so quantizing costs no more memory than exporting. --accuracy-level
 is MatMulNBits' (4: activations quantized to int8 per block, the fastest on CPU; 0: they stay in
 the dtype, the closest to the model). Runtimes (generate, serve, parity) need no new flag.
+
+The other StarCoder2 heads (config.json's architectures Starcoder2ForSequenceClassification,
+Starcoder2ForTokenClassification or Starcoder2Model) export for ONNX Runtime, prefill only: inputs
+input_ids and attention_mask [batch, sequence] (left or right padding), output logits [batch,
+num_labels] (pooled) or [batch, sequence, num_labels], or last_hidden_state [batch, sequence,
+hidden]; sc2deploy.json records the task, and config.json's labels. Run them with `sc2deploy
+classify` or `sc2deploy embed`.
 
 Without --checkpoint, the weights are seeded random ones for --size (a notice says so)."""
 
@@ -158,11 +166,13 @@ def run(args) -> int:
 
     manifest = read_manifest(out, ARTIFACT)
     total = sum(f["bytes"] for f in manifest.files.values())
+    head = {} if manifest.task == TEXT_GENERATION else {"task": manifest.task}  # a classifier or base model
     if args.json:
-        print_json({"artifact": str(out), "target": args.target, "dtype": args.dtype,
+        print_json({"artifact": str(out), **head, "target": args.target, "dtype": args.dtype,
                     "quantization": quant.to_manifest() if quant else None, "source": manifest.source,
                     "bytes": total, "seconds": round(seconds, 3), "files": manifest.files})
     else:
         scheme = f", {quant.name} blocks of {quant.block_size}" if quant else ""
-        print(f"wrote {out} ({total / 1e9:.2f} GB, {args.dtype}{scheme}, target {args.target}) in {seconds:.1f} s")
+        task = f", {manifest.task}" if head else ""
+        print(f"wrote {out} ({total / 1e9:.2f} GB, {args.dtype}{scheme}, target {args.target}{task}) in {seconds:.1f} s")
     return 0

@@ -11,6 +11,7 @@ from sc2deploy.contract import DATA_FILE, MODEL_FILE, TOKENIZER_FILE, attention_
 from sc2deploy.export.targets import check_target
 from sc2deploy.quantization import QuantScheme
 from sc2deploy.staging import check_destination, staging_folder
+from sc2deploy.tasks import TEXT_GENERATION
 
 
 def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", target: str = "ort", *,
@@ -27,33 +28,38 @@ def export_artifact(source: TensorSource, out: str | Path, dtype: str = "fp32", 
 
     from sc2deploy.export.genai import write_genai_files
     from sc2deploy.export.graph import IR_VERSION, OPSET, trace_model
+    from sc2deploy.export.heads import check_head_export, trace_head_model
     from sc2deploy.export.manifest import write_manifest
     from sc2deploy.export.rewrite import finish_graph
     from sc2deploy.export.weights import save_model, weights_bytes
 
     config = source.config  # validated when the source was made, as every runtime validates the manifest's copy
+    check_head_export(config, target, quant)
     check_target(target, dtype, config, quant)
+    causal = config.head.task == TEXT_GENERATION
     tokenizer_json = _tokenizer_json(source)
     out = Path(out)
     check_destination(out, force)  # fail before the slow part
-    graph = finish_graph(trace_model(config, dtype, target), config, target, dtype, quant)
+    traced = trace_model(config, dtype, target) if causal else trace_head_model(config, dtype)
+    graph = finish_graph(traced, config, target, dtype, quant)
     if on_total:
         on_total(weights_bytes(graph))
     with staging_folder(out, force) as tmp:
         data_sha256 = save_model(graph, source, tmp / MODEL_FILE, progress)
         if check:
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
-        if target == "ort":
+        if target == "ort" and causal:
             write_genai_files(tmp, config, MODEL_FILE)
         shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
         g = graph.model.graph
         details = {
+            **({} if causal else {"task": config.head.task}),  # the labels are config.json's id2label
             "target": target,
             "source": source_info(source),
             "graph": {
                 "file": MODEL_FILE, "external_data": DATA_FILE, "opset": OPSET, "ir_version": IR_VERSION,
-                "attention": attention_description(target, config.windowed),
-                "sliding_window_cache": config.windowed and target == "ort",
+                "attention": attention_description(target, config.windowed and causal),
+                "sliding_window_cache": config.windowed and target == "ort" and causal,
                 "quantization": quant.to_manifest() if quant else None,
                 "inputs": [v.name for v in g.inputs], "outputs": [v.name for v in g.outputs],
             },

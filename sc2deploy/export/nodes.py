@@ -28,23 +28,27 @@ from sc2deploy.contract import GQA_DOMAIN, ONNX_DTYPES, PLUGIN_DOMAIN, PLUGIN_NA
 from sc2deploy.plugins.trt_rules import ATTENTION, ROPE
 
 
-def attention_translation(config: Config, dtype: str, target: str) -> dict:
-    """The custom_translation_table entry for torch.ops.sc2deploy.sliding_window_gqa."""
+def attention_translation(config: Config, dtype: str, target: str, prefill_only: bool = False) -> dict:
+    """The custom_translation_table entry for torch.ops.sc2deploy.sliding_window_gqa. `prefill_only`: the graph
+    runs first prompts with an empty past only (the heads' artifacts, ort), so no window-sized cache mode."""
     import torch
 
     import sc2deploy.attention  # noqa: F401  (registers the op)
 
     schemas.register_schemas()
-    make = _ort_node if target == "ort" else _trt_node
-    return {torch.ops.sc2deploy.sliding_window_gqa.default: make(config, dtype)}
+    if target == "ort":
+        node = _ort_node(config, dtype, window_cache=config.windowed and not prefill_only)
+    else:
+        node = _trt_node(config, dtype)
+    return {torch.ops.sc2deploy.sliding_window_gqa.default: node}
 
 
-def _ort_node(config: Config, dtype: str) -> Callable:
+def _ort_node(config: Config, dtype: str, window_cache: bool) -> Callable:
     from onnxscript import opset20 as op
     from onnxscript.values import Opset
 
     msft = Opset(GQA_DOMAIN, 1)
-    windowed = config.windowed
+    windowed = window_cache
     to = ONNX_DTYPES[dtype]
 
     def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,

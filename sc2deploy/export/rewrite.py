@@ -1,13 +1,14 @@
 """From the exporter's graph to the artifact's graph: a few small onnx_ir passes.
 
 1. I/O names of onnxruntime-genai/optimum, dimension names batch / sequence / total_sequence /
-   past_sequence; the exporter's intermediate shapes and torch metadata are dropped.
+   past_sequence (the other heads: export/heads.py); the exporter's intermediate shapes and torch metadata
+   are dropped.
 2. Weight layouts folded into the stored initializers: Transpose(W) feeding a MatMul becomes
    an initializer `W.T` stored as [in, out] (what ONNX Runtime's MatMul wants, with no
    transpose at load time), and a Cast of an initializer (the RoPE tables for fp16) becomes
    an initializer `name.fp16`. A tied head thus stores the embedding twice (Gather and MatMul).
    Every initializer is then an `InitializerSpec`: the recipe weights.py follows to write it.
-3. ort only: an input `logits_to_keep` (int64 [1], default 0 = every position) slicing the
+3. ort causal LMs only: an input `logits_to_keep` (int64 [1], default 0 = every position) slicing the
    hidden states before the head, so a runtime can ask for the last position's logits only.
 4. IR version 10, opset 20, producer sc2deploy.
 5. With a quantization scheme: block-quantized weights (quantized_graph.py).
@@ -20,6 +21,7 @@ from sc2deploy.config import Config
 from sc2deploy.contract import DTYPE_OF_ONNX, LOGITS_TO_KEEP, QUANT_DOMAIN, attention_domain, graph_io
 from sc2deploy.export.graph import (IR_VERSION, OPSET, ExportGraph, InitializerSpec, drop_unused_initializers,
                                     initializer_value, placeholder)
+from sc2deploy.tasks import TEXT_GENERATION
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -33,14 +35,20 @@ def finish_graph(model: ir.Model, config: Config, target: str, dtype: str,
                  quant: QuantScheme | None = None) -> ExportGraph:
     """Turn the traced model into the artifact's graph, in place; its initializers become placeholders."""
     graph = model.graph
-    _rename_io(graph, config)
+    causal = config.head.task == TEXT_GENERATION
+    if causal:
+        _rename_io(graph, config)
+    else:
+        from sc2deploy.export.heads import rename_head_io
+
+        rename_head_io(graph, config)
     _drop_exporter_details(model)
     specs = _fold_initializers(graph)
     expected = set(config.tensor_shapes()) | set(ROPE_TABLES)
     unknown = sorted({s.origin for s in specs} - expected)
     if unknown:
         raise AssertionError(f"the traced graph has initializers the checkpoint does not: {unknown}")
-    if target == "ort":
+    if target == "ort" and causal:
         _add_logits_to_keep(graph)
     _finish_metadata(model, target, quant is not None)
     if quant is not None:

@@ -198,7 +198,9 @@ def _position_stats(ref: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> di
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 
 
-def _describe_position(case: Case, row: int, pos: int) -> str:
+def _describe_position(case: Case, row: int, pos: int, pooled: bool = False) -> str:
+    if pooled:
+        return f"row {row}" if len(case.prompts) > 1 else "the pooled position"
     n = len(case.prompts[row])
     where = f"position {pos}" if pos < n else f"decode step {pos - n + 1}"
     if pos == n - 1 and case.decode_steps:
@@ -214,16 +216,24 @@ def _as_rows(logits: np.ndarray | RowLogits, case: Case) -> RowLogits:
 
 
 def compare_case(case: Case, ref: np.ndarray | RowLogits, test: np.ndarray | RowLogits,
-                 tol: Tolerances) -> CaseResult:
+                 tol: Tolerances, pooled: bool = False, distributions: bool = True) -> CaseResult:
     """Metrics and verdict of one case from the two runners' logits: (B, S' + T, V) arrays, or per row a list
-    of consecutive (n_i, V) parts (what the runners return, see `row_logits`)."""
+    of consecutive (n_i, V) parts (what the runners return, see `row_logits`).
+
+    The other heads (parity/heads.py), with no decode steps: `pooled`, one position per row (sequence
+    classification); not `distributions`, outputs that are not logits (hidden states), judged by the
+    per-position bound alone (no KL, top-1 or near-tie)."""
     result = CaseResult(case.name, case.description, passed=False, decode_steps=case.decode_steps)
     ref_rows, test_rows = _as_rows(ref, case), _as_rows(test, case)
 
     def shapes(rows):
         return [(sum(p.shape[0] for p in parts), parts[0].shape[-1]) for parts in rows]
 
-    expected = [(len(p) + case.decode_steps, shapes(ref_rows)[0][1]) for p in case.prompts]
+    def where(row: int, pos: int) -> str:
+        return _describe_position(case, row, pos, pooled)
+
+    lengths = [1 if pooled else len(p) + case.decode_steps for p in case.prompts]
+    expected = [(n, shapes(ref_rows)[0][1]) for n in lengths]
     if isinstance(ref, np.ndarray) and isinstance(test, np.ndarray) and test.shape != ref.shape:
         result.failures.append(f"the runtime returned logits of shape {test.shape}, the reference {ref.shape}")
         return result
@@ -232,8 +242,7 @@ def compare_case(case: Case, ref: np.ndarray | RowLogits, test: np.ndarray | Row
                                f"{shapes(ref_rows)}")
         return result
     index, stats = [], []
-    for row, prompt in enumerate(case.prompts):
-        n = len(prompt) + case.decode_steps
+    for row, n in enumerate(lengths):
         stats.append(_position_stats(ref_rows[row], test_rows[row]))
         index += [(row, pos) for pos in range(n)]
     s = {k: np.concatenate([st[k] for st in stats]) for k in stats[0]}
@@ -243,25 +252,29 @@ def compare_case(case: Case, ref: np.ndarray | RowLogits, test: np.ndarray | Row
     result.mean_abs = float(s["sum_err"].sum() / (len(index) * vocab))
     with np.errstate(divide="ignore", invalid="ignore"):
         result.max_rel = float(np.max(s["err"] / s["scale"]))
-    result.top1 = float(np.mean(s["ref_top"] == s["test_top"]))
-    result.kl_mean, result.kl_max = float(s["kl"].mean()), float(s["kl"].max())
+    if distributions:
+        result.top1 = float(np.mean(s["ref_top"] == s["test_top"]))
+        result.kl_mean, result.kl_max = float(s["kl"].mean()), float(s["kl"].max())
     worst = int(np.nanargmax(s["err"])) if np.isfinite(s["err"]).any() else 0
-    result.worst = _describe_position(case, *index[worst])
+    result.worst = where(*index[worst])
 
     allowed = tol.allowed(s["scale"])
     bad = ~(s["err"] <= allowed)  # NaN counts as bad
     finite = bool(s["finite"].all())
     if not finite:
         first = int(np.argmax(~s["finite"]))
-        result.failures.append(f"non-finite logits from the runtime (first at {_describe_position(case, *index[first])})")
+        result.failures.append(f"non-finite logits from the runtime (first at {where(*index[first])})")
     elif bad.any():
         first = int(np.argmax(bad))
         result.failures.append(
             f"logits off by up to {result.max_abs:.2e} at {result.worst}; {int(bad.sum())} of {len(index)} positions "
-            f"exceed atol + rtol * max|e| (first: {_describe_position(case, *index[first])}, "
+            f"exceed atol + rtol * max|e| (first: {where(*index[first])}, "
             f"off by {s['err'][first]:.2e} > {allowed[first]:.2e})")
+    if result.kl_max is None:  # not distributions: no KL, top-1 or greedy divergence
+        result.passed = not result.failures
+        return result
     if not result.kl_max <= tol.kl and finite:
-        at = _describe_position(case, *index[int(np.nanargmax(s["kl"]))])
+        at = where(*index[int(np.nanargmax(s["kl"]))])
         result.failures.append(f"KL up to {result.kl_max:.2e} at {at} > {tol.kl:.0e}")
 
     # Greedy divergence: decode step k of row b is position len_b - 1 + k.
@@ -278,7 +291,7 @@ def compare_case(case: Case, ref: np.ndarray | RowLogits, test: np.ndarray | Row
     flips = (s["ref_top"] != s["test_top"]) & ~(s["margin"] <= 2 * allowed)
     if flips.any():
         result.failures.append(f"top-1 differs at {int(flips.sum())} position(s) that are not near-ties "
-                               f"(first: {_describe_position(case, *index[int(np.argmax(flips))])})")
+                               f"(first: {where(*index[int(np.argmax(flips))])})")
     result.passed = not result.failures
     return result
 

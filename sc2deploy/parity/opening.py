@@ -18,6 +18,7 @@ from sc2deploy.parity.running import run_suite
 from sc2deploy.parity.suite import DECODE_STEPS, build_suite, load_prompts
 from sc2deploy.runtime.base import Runtime
 from sc2deploy.runtime.eager import EagerRuntime
+from sc2deploy.tasks import TEXT_GENERATION
 from sc2deploy.tokenizer import Tokenizer
 
 
@@ -152,6 +153,18 @@ def check(folder: str | Path, backend: str = "ort", checkpoint: str | Path | Non
             if isinstance(source, CheckpointSource) else None
         if note:
             notes.append(note)
+        if manifest.task != TEXT_GENERATION:  # a classifier's or base model's artifact: parity/heads.py
+            from sc2deploy.parity.heads import check_heads
+
+            if backend != "ort":
+                raise UserError(f"{folder} is a {manifest.task} artifact, which runs in ONNX Runtime only; check it "
+                                "with --backend ort (the default)")
+            if threads:
+                torch.set_num_threads(threads)
+            report = check_heads(folder, source, prompts, lambda d: tolerances_for(d, atol, rtol, kl), threads,
+                                 progress, save_results)
+            report.notes += notes
+            return report
     if threads:
         torch.set_num_threads(threads)
     tokenizer = Tokenizer.load(checkpoint if checkpoint else folder)
