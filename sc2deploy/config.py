@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,3 +355,14 @@ def torch_dtype(dtype: str):
 
     dtype_bytes(dtype)
     return getattr(torch, TORCH_DTYPE_NAMES[dtype])
+
+
+# The fields that fix the weights' shapes: two configs that differ in one cannot share weights.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "use_bias", "tie_word_embeddings", "head_dim")
+
+
+def config_differences(reference: Config, tested: Config, fields: Sequence[str]) -> list[str]:
+    """`field=value (reference value)` for each of `fields` in which `tested` differs from `reference`."""
+    return [f"{f}={getattr(tested, f)} (reference {getattr(reference, f)})" for f in fields
+            if getattr(tested, f) != getattr(reference, f)]

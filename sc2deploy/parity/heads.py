@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sc2deploy.config import SHAPE_FIELDS, config_differences
 from sc2deploy.errors import UserError
 from sc2deploy.parity.compare import CaseResult, Tolerances, compare_case
 from sc2deploy.parity.report import Report
@@ -133,7 +134,6 @@ def check_heads(folder: Path, source, prompts: str | Path | None, tolerances_of:
                 threads: int | None = None, progress: Callable[[str], None] | None = None,
                 save_results: str | Path | None = None) -> Report:
     """`sc2deploy parity` of the head artifact at `folder` against the eager fp32 head model on `source`."""
-    from sc2deploy.parity.opening import SHAPE_FIELDS, config_differences
     from sc2deploy.parity.suite import load_prompts
     from sc2deploy.runtime.heads import EagerHeads
     from sc2deploy.runtime.ort_heads import OrtHeads, load_ort_head_artifact

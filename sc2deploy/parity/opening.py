@@ -2,12 +2,12 @@
 weights it was made from (the manifest's source, verified against the sha256 recorded at export); `check`."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from sc2deploy.config import Config
+from sc2deploy.config import SHAPE_FIELDS, Config, config_differences
 from sc2deploy.contract import MANIFEST, Manifest, read_manifest
 from sc2deploy.errors import UserError
 from sc2deploy.parity.compare import FIDELITY, quantized_compute, tolerances_for
@@ -22,8 +22,6 @@ from sc2deploy.tasks import TEXT_GENERATION
 from sc2deploy.tokenizer import Tokenizer
 
 
-SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "use_bias", "tie_word_embeddings", "head_dim")
 BEHAVIOUR_FIELDS = ("sliding_window", "rope_theta", "norm_epsilon", "max_position_embeddings", "hidden_act")
 
 
@@ -81,11 +79,6 @@ def verify_source(source, manifest: Manifest, folder: Path, given: bool) -> str 
                         f"reference would not be the exported weights; re-export: sc2deploy export --checkpoint "
                         f"{where} --out {folder} --force (with the same --dtype and --target), then run parity again")
     return f"source checkpoint {where} matches the sha256 recorded at export"
-
-
-def config_differences(reference: Config, tested: Config, fields: Sequence[str]) -> list[str]:
-    return [f"{f}={getattr(tested, f)} (reference {getattr(reference, f)})" for f in fields
-            if getattr(tested, f) != getattr(reference, f)]
 
 
 def open_tested(backend: str, folder: Path, max_batch: int, options: dict) -> Runtime:
