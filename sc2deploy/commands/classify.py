@@ -8,6 +8,7 @@ import numpy as np
 
 from sc2deploy.commands.common import print_json
 from sc2deploy.commands.heads import add_model_and_prompt, floats, model_config, open_model, prompt_ids
+from sc2deploy.runtime.heads import scores
 from sc2deploy.tasks import SEQUENCE_TASK, TOKEN_TASK
 
 DESCRIPTION = """\
@@ -38,17 +39,6 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_prompt(p)
     p.set_defaults(func=run)
-
-
-def scores(logits: np.ndarray, function: str) -> np.ndarray:
-    """transformers' pipelines' scores: softmax, sigmoid or the logits (regression), along the last axis."""
-    x = logits.astype(np.float64)
-    if function == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    if function == "softmax":
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    return x
 
 
 def run(args) -> int:

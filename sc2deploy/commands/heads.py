@@ -53,7 +53,7 @@ def model_config(args, tasks: tuple[str, ...]) -> tuple[str, Config]:
 
 def open_model(args, backend: str):
     """The HeadRuntime and the Tokenizer of the model `model_config` accepted."""
-    from sc2deploy.runtime.heads import open_head_runtime
+    from sc2deploy.runtime import open_head_runtime
 
     options: dict = {"threads": args.threads} if args.threads else {}
     if backend == "eager":

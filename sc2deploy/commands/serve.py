@@ -135,12 +135,60 @@ def register(subparsers) -> None:
     p.read_environment()
 
 
+def head_config(args):
+    """The Config of --checkpoint or --artifact when it is a head model (classifier or base model: served with
+    Classify or Embed), else None. Reads only JSON."""
+    from sc2deploy.config import Config
+    from sc2deploy.contract import ARTIFACT, MANIFEST, folder_kind, read_manifest
+    from sc2deploy.tasks import HEAD_TASKS
+
+    config = None
+    if args.checkpoint is not None and (Path(args.checkpoint) / "config.json").is_file():
+        config = Config.load(args.checkpoint)
+    elif args.artifact is not None and Path(args.artifact).is_dir() and folder_kind(args.artifact) != "checkpoint" \
+            and (Path(args.artifact) / MANIFEST).is_file():
+        config = Config.from_hf_dict(read_manifest(args.artifact, ARTIFACT).config,
+                                     source=str(Path(args.artifact) / MANIFEST))
+    return config if config is not None and config.head.task in HEAD_TASKS else None
+
+
+def open_head_model(args, config):
+    """(HeadRuntime, tokenizer, source description) of a head --checkpoint (eager, or cuda on a GPU) or
+    --artifact (ort)."""
+    from sc2deploy.checkpoint import CheckpointSource
+    from sc2deploy.runtime import open_head_runtime
+    from sc2deploy.tokenizer import Tokenizer
+
+    where = args.checkpoint or args.artifact
+    backend = infer_backend(args)
+    wanted = "ort" if args.artifact else "eager"
+    if args.engine is not None or backend not in (wanted, "cuda" if wanted == "eager" else wanted):
+        raise UserError(f"{where} is a {config.head.task} model: serve it from --checkpoint (backend eager or cuda) "
+                        f"or an `sc2deploy export` --artifact (backend ort)")
+    options: dict = {"threads": args.threads} if args.threads else {}
+    with StageLog() as stage:
+        stage(f"serve: loading the {config.head.task} model ({where}) ...", show=False)
+        if args.artifact:
+            check_dtype(args, "ort", args.artifact)
+            runtime = open_head_runtime("ort", artifact=args.artifact, verify=not args.no_verify, **options)
+        else:
+            dtype = check_dtype(args, "eager", None)
+            device = resolve_device(args.device, backend)
+            runtime = open_head_runtime("eager", source=CheckpointSource(args.checkpoint), dtype=dtype,
+                                        device=device, **options)
+    return runtime, Tokenizer.load(where), where
+
+
 def open_model(args):
-    """(runtime, tokenizer, source description) for the serve arguments."""
+    """(runtime, tokenizer, source description) for the serve arguments: a causal LM's Runtime, or a head model's
+    HeadRuntime (runtime/heads.py)."""
     from sc2deploy.config import Config
     from sc2deploy.runtime import open_runtime
     from sc2deploy.tokenizer import Tokenizer
 
+    head = head_config(args)
+    if head is not None:
+        return open_head_model(args, head)
     backend = infer_backend(args)
     device = resolve_device(args.device, backend)
     on_weights = backend in ("eager", "cuda")
@@ -210,7 +258,7 @@ def _serve(args) -> int:
         max_message_bytes=args.max_message_mb << 20, read_timeout=args.read_timeout,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host, http_port=args.http_port,
         http_host=args.http_host, model_name=args.model_name, trim_prompts=not args.refuse_long_prompts,
-        prefix_cache_bytes=args.prefix_cache_mb << 20,
+        prefix_cache_bytes=args.prefix_cache_mb << 20, max_batch=args.max_batch,
         tls_cert=_read(args.tls_cert, "--tls-cert"), tls_key=_read(args.tls_key, "--tls-key"),
         api_keys=read_api_keys(args.api_key_file) if args.api_key_file else None)
     # Check what can be checked before loading the model (minutes for a large one).
@@ -235,15 +283,15 @@ def _serve(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     scheme = "TLS" if options.tls_cert else "plaintext"
     notice(f"sc2deploy serve: listening on {args.host}:{port} ({scheme}; {runtime.name} {runtime.dtype}, "
-           f"max batch {runtime.max_batch}, queue {args.max_queue}, context {server.limits.context_length}"
+           f"max batch {server.max_batch}, queue {args.max_queue}, context {server.limits.context_length}"
            + (f"; metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else "")
            + (f"; HTTP on :{server.http_port} as model {server.model_name}" if server.http_port is not None else "")
            + ")")
     if args.json:
         print(json.dumps({"host": args.host, "port": port, "tls": options.tls_cert is not None,
                           "metrics_port": server.metrics_port, "http_port": server.http_port,
-                          "model_name": server.model_name, "backend": runtime.name, "dtype": runtime.dtype,
-                          "max_batch": runtime.max_batch, "max_queue": args.max_queue,
+                          "model_name": server.model_name, "task": server.task, "backend": runtime.name, "dtype": runtime.dtype,
+                          "max_batch": server.max_batch, "max_queue": args.max_queue,
                           "context": server.limits.context_length, "source": where, "pid": os.getpid()}), flush=True)
     while not stop.wait(0.5):
         pass

@@ -7,6 +7,7 @@ from sc2deploy.errors import UserError
 
 if TYPE_CHECKING:  # the backends import torch when opened; listing them must not
     from sc2deploy.runtime.base import Runtime
+    from sc2deploy.runtime.heads import HeadRuntime
 
 BACKENDS = ("eager", "cuda", "ort", "trt")
 
@@ -41,4 +42,17 @@ def open_runtime(backend: str, *, source=None, artifact=None, engine=None, dtype
     raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Runtime", "open_runtime"]
+def open_head_runtime(backend: str, *, source=None, artifact=None, dtype: str = "fp32", **options) -> HeadRuntime:
+    """eager on a TensorSource (a head checkpoint or random head weights), ort on a head artifact."""
+    if backend == "eager":
+        from sc2deploy.runtime.heads import EagerHeads
+
+        return EagerHeads(source, dtype=dtype, **options)
+    if backend == "ort":
+        from sc2deploy.runtime.ort_heads import OrtHeads
+
+        return OrtHeads(artifact, **options)
+    raise UserError(f"unknown backend {backend!r} for a head model; choose eager or ort")
+
+
+__all__ = ["BACKENDS", "HeadRuntime", "Runtime", "open_head_runtime", "open_runtime"]

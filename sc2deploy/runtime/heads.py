@@ -126,12 +126,12 @@ class EagerHeads(HeadRuntime):
         return out.float().cpu().numpy()
 
 
-def open_head_runtime(backend: str, *, source=None, artifact=None, dtype: str = "fp32", **options) -> HeadRuntime:
-    """eager on a TensorSource (a head checkpoint or random head weights), ort on a head artifact."""
-    if backend == "eager":
-        return EagerHeads(source, dtype=dtype, **options)
-    if backend == "ort":
-        from sc2deploy.runtime.ort_heads import OrtHeads
-
-        return OrtHeads(artifact, **options)
-    raise UserError(f"unknown backend {backend!r} for a head model; choose eager or ort")
+def scores(logits: np.ndarray, function: str) -> np.ndarray:
+    """transformers' pipelines' scores: softmax, sigmoid or the logits (regression), along the last axis."""
+    x = logits.astype(np.float64)
+    if function == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if function == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return x

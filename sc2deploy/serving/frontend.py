@@ -17,9 +17,17 @@ import grpc
 from sc2deploy.errors import UserError
 from sc2deploy.serving.jobs import Job, Limits, build_job
 from sc2deploy.serving.metrics import Metrics
-from sc2deploy.serving.scheduler import Finished, QueueFull, Request, Scheduler, ShuttingDown, Step
+from sc2deploy.serving.scheduler import (Finished, HeadRequest, HeadScheduler, QueueFull, Request, Scheduler,
+                                         ShuttingDown, Step)
 from sc2deploy.serving.v1 import completion_pb2 as pb
-from sc2deploy.tokenizer import Tokenizer
+from sc2deploy.tasks import CLASSIFIERS, FEATURE_EXTRACTION, TASKS, TEXT_GENERATION
+from sc2deploy.tokenizer import Tokenizer, validate_text
+
+COMPLETION_METHODS = ("Complete", "CompleteStream")
+CLASSIFIER_TASKS = tuple(TASKS[a] for a in CLASSIFIERS)
+# The RPCs of each task (GetModelInfo besides), for ModelInfo.methods and the FAILED_PRECONDITION messages.
+METHODS_OF_TASK = {TEXT_GENERATION: COMPLETION_METHODS, FEATURE_EXTRACTION: ("Embed",),
+                   **{task: ("Classify",) for task in CLASSIFIER_TASKS}}
 
 log = logging.getLogger("sc2deploy.serving")
 
@@ -46,9 +54,11 @@ class Call:
 class Frontend:
     """The request path shared by the front ends; every method runs on the server's event loop."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, limits: Limits, metrics: Metrics,
-                 max_preparing: int):
+    def __init__(self, scheduler: Scheduler | HeadScheduler, tokenizer: Tokenizer, limits: Limits, metrics: Metrics,
+                 max_preparing: int, task: str = TEXT_GENERATION):
         self.scheduler, self.tokenizer, self.limits, self.metrics = scheduler, tokenizer, limits, metrics
+        self.task = task  # what the served model does (sc2deploy/tasks.py); it decides which methods run
+        self.model_vocab_size = tokenizer.vocab_size  # the model's, when smaller (set by the server)
         self.max_preparing = max_preparing
         self.preparing = 0  # requests being tokenized; touched on the event loop only
         self.tokenize_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="sc2deploy-tokenize")
@@ -56,6 +66,7 @@ class Frontend:
     async def prepare(self, request: pb.CompleteRequest, prompt_tokens: list[int] | None = None,
                       fim: bool | None = None, parse_special: bool = False) -> Job:
         """The request's Job (see build_job), built on the tokenize pool; a bounded number at a time."""
+        self.require("Complete")
         if self.preparing >= self.max_preparing:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"{self.preparing} requests are being prepared; retry later")
@@ -70,8 +81,68 @@ class Frontend:
 
     def submit(self, job: Job, call: Call, deadline: float | None = None) -> Request:
         call.prompt_tokens = len(job.prompt_ids)
+        assert isinstance(self.scheduler, Scheduler), "prepare refuses completions on a head model"
         try:
             return self.scheduler.submit(job, deadline, request_id=call.request_id)
+        except QueueFull as e:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        except ShuttingDown as e:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+
+    def require(self, method: str) -> None:
+        """FAILED_PRECONDITION unless the served model's task serves `method`."""
+        served = METHODS_OF_TASK[self.task]
+        if method in served:
+            return
+        if method in COMPLETION_METHODS:
+            needs = "completion needs a causal LM artifact"
+        elif method == "Classify":
+            needs = "Classify needs a sequence-classification or token-classification artifact"
+        else:
+            needs = "Embed needs a feature-extraction (Starcoder2Model) artifact"
+        raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"this model is a {self.task} model: it serves {' and '.join(served)}; {needs}")
+
+    async def prompt_ids(self, method: str, prompt: str, token_ids) -> list[int]:
+        """A Classify or Embed request's prompt tokens (text tokenized on the tokenize pool), within the context
+        and the vocabulary; INVALID_ARGUMENT otherwise."""
+        self.require(method)
+        if prompt and token_ids:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "give one of prompt or token_ids, not both")
+        if prompt:
+            context = self.limits.context_length
+            if len(prompt) > context * self.tokenizer.max_token_bytes:  # cannot fit whatever it tokenizes to
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the prompt has {len(prompt)} characters, more "
+                              f"than fit the model's context of {context} tokens; shorten it")
+            if self.preparing >= self.max_preparing:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self.preparing} requests are being prepared; retry later")
+            self.preparing += 1
+            try:
+                ids = await asyncio.get_running_loop().run_in_executor(
+                    self.tokenize_pool, lambda: self.tokenizer.encode(validate_text(prompt, "prompt")))
+            except UserError as e:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            finally:
+                self.preparing -= 1
+        else:
+            ids = list(token_ids)
+        if not ids:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty; give prompt text or token_ids")
+        if len(ids) > self.limits.context_length:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the prompt has {len(ids)} tokens, more than the "
+                          f"model's context of {self.limits.context_length}; shorten it")
+        vocab = min(self.tokenizer.vocab_size, self.model_vocab_size)
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def submit_prompt(self, ids: list[int], call: Call, deadline: float | None = None) -> HeadRequest:
+        call.prompt_tokens = len(ids)
+        assert isinstance(self.scheduler, HeadScheduler)
+        try:
+            return self.scheduler.submit(ids, deadline, request_id=call.request_id)
         except QueueFull as e:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
         except ShuttingDown as e:
@@ -112,3 +183,20 @@ async def events(handle: Request) -> AsyncIterator[Step | Finished]:
         yield event
         if isinstance(event, Finished):
             return
+
+
+async def done(handle: HeadRequest) -> HeadRequest:
+    """The prefill-only request once the engine thread has finished it, waking this coroutine through the loop."""
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(ready.set)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+    handle.on_event = wake
+    if not handle.done.is_set():
+        await ready.wait()
+    return handle

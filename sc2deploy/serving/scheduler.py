@@ -371,3 +371,151 @@ class Scheduler:
         with self._lock:
             self._busy -= 1
             self._lock.notify_all()
+
+
+@dataclass(eq=False)
+class HeadRequest:
+    """A prefill-only request (Classify, Embed): a prompt in, the head's output for it out (`result`, a float32
+    array: pooled logits, or one row per token), or `reason` cancelled, deadline or error."""
+
+    prompt_ids: list[int]
+    deadline: float | None
+    request_id: str = ""
+    id: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    result: object = None
+    reason: str = ""  # "" until done; "ok", "cancelled", DEADLINE or "error"
+    error: str = ""
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    on_event: Callable[[], None] | None = None  # called (on the engine thread) once it is done
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def finish(self, reason: str, result: object = None, error: str = "") -> None:
+        self.result, self.reason, self.error = result, reason, error
+        self.done.set()
+        if self.on_event is not None:
+            self.on_event()
+
+
+class HeadScheduler:
+    """The Scheduler's sibling for the prefill-only heads (runtime/heads.py): the same bounded queue, refusals
+    (QueueFull, ShuttingDown), close/cancel_all/wait_idle/stop and metrics, without cache slots. Each engine step
+    takes up to `max_batch` waiting requests, first come first served, and runs them in one padded
+    `runtime.run` call (right padding with pad_token_id, as transformers pads); each gets its own rows back. A
+    sequence classifier without a pad_token_id cannot pool a padded batch (transformers' rule): it runs one
+    request per step."""
+
+    def __init__(self, runtime, max_batch: int = 8, max_queue: int = 64, metrics: Metrics | None = None):
+        from sc2deploy.tasks import SEQUENCE_TASK
+
+        head = runtime.head
+        self.runtime = runtime
+        self.max_batch = 1 if head.task == SEQUENCE_TASK and head.pad_token_id is None else max(max_batch, 1)
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._lock = threading.Condition()
+        self._waiting: deque[HeadRequest] = deque()
+        self._running = 0  # requests in the current step
+        self._ids = itertools.count(1)
+        self._closed = self._stopped = self._cancel_all = False
+        self._busy = 0
+        self._thread = threading.Thread(target=self._loop, name="sc2deploy-heads", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], deadline: float | None = None, request_id: str = "") -> HeadRequest:
+        request = HeadRequest(list(prompt_ids), deadline, request_id=request_id)
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if len(self._waiting) - (self.max_batch - self._running) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting beyond a batch of "
+                                f"{self.max_batch}); retry later")
+            request.id = next(self._ids)
+            self._waiting.append(request)
+            self._busy += 1
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._lock.notify_all()
+        return request
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"waiting": len(self._waiting), "running": self._running,
+                    "free_slots": self.max_batch - self._running, "max_batch": self.max_batch}
+
+    def wait_idle(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._lock:
+            while self._busy:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.05))
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    def cancel_all(self) -> None:
+        """Waiting requests end as cancelled; the step that is running finishes."""
+        with self._lock:
+            self._cancel_all = True
+            self._lock.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.close()
+        self.cancel_all()
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._waiting:
+                    self._lock.wait()
+                if self._stopped and not self._waiting:
+                    return
+                now = time.monotonic()
+                batch: list[HeadRequest] = []
+                gone: list[HeadRequest] = []
+                while self._waiting and len(batch) < self.max_batch:
+                    request = self._waiting.popleft()
+                    (gone if self._cancel_all or request.cancelled or request.expired(now) else batch).append(request)
+                self._running = len(batch)
+                self.metrics.queue_depth.set(len(self._waiting))
+            for request in gone:
+                self._done(request, DEADLINE if request.expired(now) else FINISH_CANCELLED)
+            if batch:
+                self._step(batch)
+
+    def _step(self, batch: list[HeadRequest]) -> None:
+        prompts = [request.prompt_ids for request in batch]
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        start = time.perf_counter()
+        try:
+            outputs = self.runtime.run(prompts)
+        except Exception:  # a bug or a runtime failure: fail this step's requests, keep serving
+            log.exception("head step failed for requests %s", [r.id for r in batch])
+            outputs = None
+        self.metrics.observe_step(len(batch), time.perf_counter() - start)
+        with self._lock:
+            self._running = 0
+        for i, request in enumerate(batch):
+            if outputs is None:
+                self._done(request, "error", error="the engine failed on this request")
+            else:
+                self._done(request, "ok", outputs[i])
+
+    def _done(self, request: HeadRequest, reason: str, result: object = None, error: str = "") -> None:
+        request.finish(reason, result, error)
+        with self._lock:
+            self._busy -= 1
+            self._lock.notify_all()

@@ -28,6 +28,7 @@ from importlib import metadata
 from pathlib import Path
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -35,15 +36,17 @@ from sc2deploy import __version__
 from sc2deploy.config import PRESETS
 from sc2deploy.errors import UserError
 from sc2deploy.runtime.base import Runtime
+from sc2deploy.runtime.heads import scores
 from sc2deploy.serving.auth import ApiKeyInterceptor, KeyRing, server_ssl_context
-from sc2deploy.serving.frontend import Call, Frontend, Refused, events
+from sc2deploy.serving.frontend import METHODS_OF_TASK, Call, Frontend, Refused, done, events
 from sc2deploy.serving.http_api import HttpApi, HttpServer
 from sc2deploy.serving.jobs import Limits
 from sc2deploy.serving.logs import REQUEST_ID_KEY, request_id
 from sc2deploy.serving.metrics import Metrics
-from sc2deploy.serving.scheduler import DEADLINE, Finished, Scheduler, Step
+from sc2deploy.serving.scheduler import DEADLINE, Finished, HeadRequest, HeadScheduler, Scheduler, Step
 from sc2deploy.serving.v1 import completion_pb2 as pb
-from sc2deploy.serving.wire import BadRequest, parse_model_info_request, parse_request
+from sc2deploy.serving.wire import BadRequest, parse_model_info_request, parse_prompt_request, parse_request
+from sc2deploy.tasks import TEXT_GENERATION
 from sc2deploy.tokenizer import Tokenizer
 
 log = logging.getLogger("sc2deploy.serving")
@@ -78,6 +81,7 @@ class ServerOptions:
     trim_prompts: bool = True  # over-long FIM and repo-level prompts lose the text farthest from the cursor
     prefix_cache_bytes: int = 512 * MiB  # KV of finished sequences kept for prompts that start the same; 0: off
     source: str = ""  # where the weights came from, for GetModelInfo
+    max_batch: int = 8  # head models (Classify, Embed): requests per padded call; a causal runtime has its own
 
 
 class CompletionServicer:
@@ -154,6 +158,59 @@ class CompletionServicer:
         self.frontend.count(call, "OK")
         yield finished
 
+    async def Classify(self, requests, context):
+        call, request, ids, handle = await self._head_call("Classify", requests, context)
+        logits = np.asarray(handle.result, dtype=np.float32)
+        rows = logits[None] if logits.ndim == 1 else logits
+        head = self.frontend.scheduler.runtime.head  # type: ignore[union-attr]
+        probabilities = scores(rows, head.scores)
+        self.frontend.count(call, "OK")
+        return pb.ClassifyResponse(task=head.task, labels=list(head.labels), token_ids=ids,
+                                   logits=[pb.Vector(values=row.tolist()) for row in rows],
+                                   scores=[pb.Vector(values=row.tolist()) for row in probabilities])
+
+    async def Embed(self, requests, context):
+        call, request, ids, handle = await self._head_call("Embed", requests, context)
+        hidden = np.asarray(handle.result, dtype=np.float32)  # (tokens, hidden)
+        pooling = request.pooling or "last"
+        vectors = {"last": hidden[-1:], "mean": hidden.astype(np.float64).mean(axis=0, keepdims=True),
+                   "none": hidden}[pooling].astype(np.float32)
+        self.frontend.count(call, "OK")
+        return pb.EmbedResponse(pooling=pooling, hidden_size=hidden.shape[-1], token_ids=ids,
+                                embeddings=[pb.Vector(values=row.tolist()) for row in vectors])
+
+    async def _head_call(self, method: str, requests, context) -> tuple[Call, object, list[int], HeadRequest]:
+        """Read, validate, tokenize, enqueue and wait for a prefill-only request; aborts with the status."""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        call = self._begin(method, context)
+        request = await self._read(call, context)
+        if isinstance(request, BadRequest):
+            await self._abort(context, call, grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        try:
+            if method == "Embed" and request.pooling not in ("", "last", "mean", "none"):
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"pooling is {request.pooling[:40]!r}; expected last, mean or none")
+            ids = await self.frontend.prompt_ids(method, request.prompt, request.token_ids)
+            handle = self.frontend.submit_prompt(ids, call, deadline)
+        except Refused as e:
+            await self._abort(context, call, e.code, e.message)
+        try:
+            await done(handle)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            handle.cancel()
+            expired = deadline is not None and time.monotonic() >= deadline - 0.01
+            self.frontend.count(call, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            raise
+        if handle.reason == DEADLINE:
+            await self._abort(context, call, grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed in the queue")
+        if handle.reason == "cancelled":
+            await self._abort(context, call, grpc.StatusCode.UNAVAILABLE,
+                              "the server shut down before the request ran; retry on another replica")
+        if handle.reason != "ok":
+            await self._abort(context, call, grpc.StatusCode.INTERNAL, handle.error or "the request failed")
+        return call, request, ids, handle
+
     async def _read(self, call: Call, context):
         """The call's one request message, if it arrives within read_timeout seconds."""
         try:
@@ -208,6 +265,12 @@ def _service_handler(servicer: CompletionServicer) -> grpc.GenericRpcHandler:
     def parse(data: bytes):
         return parse_request(data, most)
 
+    def parse_classify(data: bytes):
+        return parse_prompt_request(pb.ClassifyRequest, data, most)
+
+    def parse_embed(data: bytes):
+        return parse_prompt_request(pb.EmbedRequest, data, most)
+
     handlers = {
         "Complete": grpc.stream_unary_rpc_method_handler(
             servicer.Complete, request_deserializer=parse,
@@ -218,12 +281,20 @@ def _service_handler(servicer: CompletionServicer) -> grpc.GenericRpcHandler:
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, request_deserializer=parse_model_info_request,
             response_serializer=pb.ModelInfo.SerializeToString),
+        "Classify": grpc.stream_unary_rpc_method_handler(
+            servicer.Classify, request_deserializer=parse_classify,
+            response_serializer=pb.ClassifyResponse.SerializeToString),
+        "Embed": grpc.stream_unary_rpc_method_handler(
+            servicer.Embed, request_deserializer=parse_embed,
+            response_serializer=pb.EmbedResponse.SerializeToString),
     }
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-def model_info(runtime: Runtime, options: ServerOptions, limits: Limits) -> pb.ModelInfo:
+def model_info(runtime, options: ServerOptions, limits: Limits, max_batch: int | None = None) -> pb.ModelInfo:
+    """A causal Runtime's, or a HeadRuntime's (runtime/heads.py; `max_batch` its requests per call)."""
     config = runtime.config
+    task = config.head.task
     size = next((name for name, preset in PRESETS.items() if preset == config), "custom")
     versions = {"sc2deploy": __version__, "python": platform.python_version()}
     runtime_package = {"ort": "onnxruntime", "trt": "tensorrt"}.get(runtime.name)
@@ -238,9 +309,11 @@ def model_info(runtime: Runtime, options: ServerOptions, limits: Limits) -> pb.M
             versions[key] = str(value)
     return pb.ModelInfo(size=size, dtype=runtime.dtype, runtime=runtime.name, window=config.window,
                         context_length=limits.context_length, vocab_size=config.vocab_size,
-                        num_parameters=config.num_parameters, max_batch=runtime.max_batch,
+                        num_parameters=config.num_parameters,
+                        max_batch=runtime.max_batch if max_batch is None else max_batch,
                         max_queue=options.max_queue, default_max_tokens=limits.default_max_tokens,
-                        max_logprobs=limits.max_logprobs, versions=versions, source=options.source)
+                        max_logprobs=limits.max_logprobs, versions=versions, source=options.source, task=task,
+                        methods=[*METHODS_OF_TASK[task], "GetModelInfo"])
 
 
 def default_model_name(info: pb.ModelInfo) -> str:
@@ -263,13 +336,29 @@ def context_length(runtime: Runtime, requested: int | None) -> int:
     return context
 
 
-class CompletionServer:
-    """Owns the scheduler and a grpc.aio server on its own event-loop thread; start() binds and returns the port."""
+def head_context_length(runtime, requested: int | None) -> int:
+    """A head model's per-request context: the model's, or less (no cache to size)."""
+    model = runtime.config.max_position_embeddings
+    context = model if requested is None else requested
+    if not 1 <= context <= model:
+        raise UserError(f"--context {context} is outside [1, {model}] (the model's context)")
+    return context
 
-    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, options: ServerOptions | None = None):
+
+class CompletionServer:
+    """Owns the scheduler and a grpc.aio server on its own event-loop thread; start() binds and returns the port.
+
+    A causal LM Runtime serves Complete and CompleteStream (Scheduler); a HeadRuntime (runtime/heads.py) serves
+    Classify or Embed (HeadScheduler); the other methods answer FAILED_PRECONDITION."""
+
+    def __init__(self, runtime, tokenizer: Tokenizer, options: ServerOptions | None = None):
         self.options = options = options or ServerOptions()
         self.runtime = runtime
-        self.limits = Limits(context_length=context_length(runtime, options.context_length),
+        self.task = task = runtime.config.head.task
+        causal = task == TEXT_GENERATION
+        context = context_length(runtime, options.context_length) if causal else head_context_length(
+            runtime, options.context_length)
+        self.limits = Limits(context_length=context,
                              default_max_tokens=options.default_max_tokens, trim=options.trim_prompts)
         self.keys = KeyRing(options.api_keys) if options.api_keys else None
         self.tls = None
@@ -278,12 +367,18 @@ class CompletionServer:
                 raise UserError("--tls-cert and --tls-key go together")
             self.tls = server_ssl_context(options.tls_cert, options.tls_key)  # checks the PEM pair before listening
         self.metrics = Metrics()
-        self.scheduler = Scheduler(runtime, tokenizer, max_queue=options.max_queue,
-                                   prefill_tokens=options.prefill_tokens, metrics=self.metrics,
-                                   prefix_cache_bytes=options.prefix_cache_bytes)
-        self.info = model_info(runtime, options, self.limits)
+        self.scheduler: Scheduler | HeadScheduler
+        if causal:
+            self.scheduler = Scheduler(runtime, tokenizer, max_queue=options.max_queue,
+                                       prefill_tokens=options.prefill_tokens, metrics=self.metrics,
+                                       prefix_cache_bytes=options.prefix_cache_bytes)
+        else:
+            self.scheduler = HeadScheduler(runtime, options.max_batch, options.max_queue, self.metrics)
+        self.max_batch = self.scheduler.max_batch
+        self.info = model_info(runtime, options, self.limits, self.max_batch)
         self.frontend = Frontend(self.scheduler, tokenizer, self.limits, self.metrics,
-                                 max_preparing=runtime.max_batch + options.max_queue)
+                                 max_preparing=self.max_batch + options.max_queue, task=task)
+        self.frontend.model_vocab_size = runtime.config.vocab_size
         self.servicer = CompletionServicer(self.frontend, self.info, read_timeout=options.read_timeout)
         self.model_name = options.model_name or default_model_name(self.info)
         self.http_api = HttpApi(self.frontend, self.model_name, self.keys, options.max_message_bytes,

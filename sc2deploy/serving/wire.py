@@ -21,13 +21,14 @@ _LENIENT_PACKAGE = "sc2deploy.v1.lenient"
 
 
 def _lenient_classes() -> dict[str, Any]:
-    """CompleteRequest and ContextFile with every string field turned into bytes, in a private pool."""
+    """CompleteRequest, ContextFile, ClassifyRequest and EmbedRequest with every string field turned into bytes,
+    in a private pool."""
     source = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(source)
     file = descriptor_pb2.FileDescriptorProto(name="sc2deploy/v1/lenient.proto", package=_LENIENT_PACKAGE,
                                               syntax=source.syntax)
     for message in source.message_type:
-        if message.name not in ("CompleteRequest", "ContextFile"):
+        if message.name not in _LENIENT:
             continue
         copy = file.message_type.add()
         copy.CopyFrom(message)
@@ -39,10 +40,12 @@ def _lenient_classes() -> dict[str, Any]:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_LENIENT_PACKAGE}.{name}"))
-            for name in ("CompleteRequest", "ContextFile")}
+            for name in _LENIENT}
 
 
-_LenientRequest = _lenient_classes()["CompleteRequest"]
+_LENIENT = ("CompleteRequest", "ContextFile", "ClassifyRequest", "EmbedRequest")
+_lenient = _lenient_classes()
+_LenientRequest = _lenient["CompleteRequest"]
 
 
 @dataclass
@@ -84,3 +87,27 @@ def parse_model_info_request(data: bytes) -> pb.GetModelInfoRequest | BadRequest
         return pb.GetModelInfoRequest.FromString(data)
     except DecodeError:
         return BadRequest("the request is not a valid sc2deploy.v1.GetModelInfoRequest message")
+
+
+def parse_prompt_request(kind, data: bytes, max_bytes: int | None = None):
+    """Bytes -> a ClassifyRequest or EmbedRequest (`kind`), or BadRequest: over `max_bytes`, invalid UTF-8 in a
+    string field (named), or not the message at all."""
+    name = kind.DESCRIPTOR.name
+    if max_bytes is not None and len(data) > max_bytes:
+        return BadRequest(f"the request is {len(data)} bytes, more than a prompt that fits the model's context can "
+                          f"be ({max_bytes} bytes); shorten the prompt")
+    try:
+        return kind.FromString(data)
+    except DecodeError:
+        pass
+    try:
+        raw = _lenient[name].FromString(data)
+    except DecodeError:
+        return BadRequest(f"the request is not a valid sc2deploy.v1.{name} message")
+    for field in kind.DESCRIPTOR.fields:
+        if field.type == field.TYPE_STRING:
+            try:
+                validate_text(getattr(raw, field.name), field.name)
+            except UserError as e:
+                return BadRequest(str(e))
+    return BadRequest(f"the request is not a valid sc2deploy.v1.{name} message")

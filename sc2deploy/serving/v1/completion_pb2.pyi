@@ -131,7 +131,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("size", "dtype", "runtime", "window", "context_length", "vocab_size", "num_parameters", "max_batch", "max_queue", "default_max_tokens", "max_logprobs", "versions", "source")
+    __slots__ = ("size", "dtype", "runtime", "window", "context_length", "vocab_size", "num_parameters", "max_batch", "max_queue", "default_max_tokens", "max_logprobs", "versions", "source", "task", "methods")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,8 @@ class ModelInfo(_message.Message):
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
     size: str
     dtype: str
     runtime: str
@@ -165,4 +167,56 @@ class ModelInfo(_message.Message):
     max_logprobs: int
     versions: _containers.ScalarMap[str, str]
     source: str
-    def __init__(self, size: _Optional[str] = ..., dtype: _Optional[str] = ..., runtime: _Optional[str] = ..., window: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_parameters: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., source: _Optional[str] = ...) -> None: ...
+    task: str
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, size: _Optional[str] = ..., dtype: _Optional[str] = ..., runtime: _Optional[str] = ..., window: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_parameters: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., source: _Optional[str] = ..., task: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Vector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("prompt", "token_ids")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("task", "labels", "logits", "scores", "token_ids")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    logits: _containers.RepeatedCompositeFieldContainer[Vector]
+    scores: _containers.RepeatedCompositeFieldContainer[Vector]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., logits: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("prompt", "token_ids", "pooling")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    pooling: str
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., pooling: _Optional[str] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("pooling", "hidden_size", "embeddings", "token_ids")
+    POOLING_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    pooling: str
+    hidden_size: int
+    embeddings: _containers.RepeatedCompositeFieldContainer[Vector]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pooling: _Optional[str] = ..., hidden_size: _Optional[int] = ..., embeddings: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...

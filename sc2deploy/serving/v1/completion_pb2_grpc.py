@@ -49,6 +49,16 @@ class CompletionServiceStub:
                 request_serializer=sc2deploy_dot_v1_dot_completion__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=sc2deploy_dot_v1_dot_completion__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/sc2deploy.v1.CompletionService/Classify',
+                request_serializer=sc2deploy_dot_v1_dot_completion__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=sc2deploy_dot_v1_dot_completion__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/sc2deploy.v1.CompletionService/Embed',
+                request_serializer=sc2deploy_dot_v1_dot_completion__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=sc2deploy_dot_v1_dot_completion__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class CompletionServiceServicer:
@@ -70,7 +80,24 @@ class CompletionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What the server runs: model size, dtype, runtime, window, context, versions.
+        """What the server runs: model size, dtype, runtime, window, context, versions, task and methods.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Labels and scores of a sequence or token classifier (served when ModelInfo.task is
+        sequence-classification or token-classification; otherwise FAILED_PRECONDITION). Requests
+        are prefill-only and share one padded forward call with other waiting requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
+        """Hidden states of a base model (served when ModelInfo.task is feature-extraction; otherwise
+        FAILED_PRECONDITION). Batched like Classify.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +120,16 @@ def add_CompletionServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=sc2deploy_dot_v1_dot_completion__pb2.GetModelInfoRequest.FromString,
                     response_serializer=sc2deploy_dot_v1_dot_completion__pb2.ModelInfo.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=sc2deploy_dot_v1_dot_completion__pb2.ClassifyRequest.FromString,
+                    response_serializer=sc2deploy_dot_v1_dot_completion__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=sc2deploy_dot_v1_dot_completion__pb2.EmbedRequest.FromString,
+                    response_serializer=sc2deploy_dot_v1_dot_completion__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +213,60 @@ class CompletionService:
             '/sc2deploy.v1.CompletionService/GetModelInfo',
             sc2deploy_dot_v1_dot_completion__pb2.GetModelInfoRequest.SerializeToString,
             sc2deploy_dot_v1_dot_completion__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sc2deploy.v1.CompletionService/Classify',
+            sc2deploy_dot_v1_dot_completion__pb2.ClassifyRequest.SerializeToString,
+            sc2deploy_dot_v1_dot_completion__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sc2deploy.v1.CompletionService/Embed',
+            sc2deploy_dot_v1_dot_completion__pb2.EmbedRequest.SerializeToString,
+            sc2deploy_dot_v1_dot_completion__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
