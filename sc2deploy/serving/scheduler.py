@@ -310,7 +310,8 @@ class Scheduler:
         logits = self.runtime.decode(slots, tokens)
         self.metrics.observe_step(len(slots), time.perf_counter() - start)
         greedy = [row for row, slot in enumerate(slots) if self._running[slot].seq.params.greedy]
-        chosen = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist()))  # one argmax for all greedy rows
+        rows = logits if len(greedy) == len(slots) else logits[greedy]  # (indexing copies the rows)
+        chosen = dict(zip(greedy, rows.argmax(dim=-1).tolist()))  # one argmax for all greedy rows
         for row, slot in enumerate(slots):
             request = self._running[slot]
             self._deliver(request, request.seq.accept(logits[row], chosen.get(row)))
