@@ -164,16 +164,7 @@ class Frontend:
 
 async def events(handle: Request) -> AsyncIterator[Step | Finished]:
     """The request's events as the engine thread emits them, waking this coroutine through the event loop."""
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-
-    def wake() -> None:
-        try:
-            loop.call_soon_threadsafe(ready.set)
-        except RuntimeError:  # the loop is closed: the server is gone
-            pass
-
-    handle.on_event = wake
+    ready = _wake_on_event(handle)
     while True:
         ready.clear()
         event = handle.next_event(0)
@@ -187,6 +178,14 @@ async def events(handle: Request) -> AsyncIterator[Step | Finished]:
 
 async def done(handle: HeadRequest) -> HeadRequest:
     """The prefill-only request once the engine thread has finished it, waking this coroutine through the loop."""
+    ready = _wake_on_event(handle)
+    if not handle.done.is_set():
+        await ready.wait()
+    return handle
+
+
+def _wake_on_event(handle: Request | HeadRequest) -> asyncio.Event:
+    """An event of the running loop that the engine thread sets after each event of `handle`."""
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
 
@@ -197,6 +196,4 @@ async def done(handle: HeadRequest) -> HeadRequest:
             pass
 
     handle.on_event = wake
-    if not handle.done.is_set():
-        await ready.wait()
-    return handle
+    return ready

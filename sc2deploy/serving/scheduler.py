@@ -106,7 +106,49 @@ class Request:
             return None
 
 
-class Scheduler:
+class _Engine:
+    """The shutdown and idle protocol both schedulers share. A subclass holds `_lock` (a Condition), `_busy`
+    (requests waiting or running), the flags `_closed`, `_cancel_all`, `_stopped`, and its engine `_thread`."""
+
+    _lock: threading.Condition
+    _busy: int
+    _closed: bool
+    _cancel_all: bool
+    _stopped: bool
+    _thread: threading.Thread
+
+    def wait_idle(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._lock:
+            while self._busy:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.05))
+            return True
+
+    def close(self) -> None:
+        """Refuse new requests; the ones already in keep running."""
+        with self._lock:
+            self._closed = True
+
+    def cancel_all(self) -> None:
+        """End every request at its next step with finish reason `cancelled` (shutdown grace period over); a
+        step already running finishes."""
+        with self._lock:
+            self._cancel_all = True
+            self._lock.notify_all()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.close()
+        self.cancel_all()
+        with self._lock:
+            self._stopped = True
+            self._lock.notify_all()
+        self._thread.join(timeout)
+
+
+class Scheduler(_Engine):
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, max_queue: int = 64, prefill_tokens: int = 256,
                  metrics: Metrics | None = None, prefix_cache_bytes: int = 0):
         self.runtime, self.tokenizer = runtime, tokenizer
@@ -147,35 +189,6 @@ class Scheduler:
         with self._lock:
             return {"waiting": len(self._waiting), "running": self._busy - len(self._waiting),
                     "free_slots": len(self._free), "max_batch": self.max_batch}
-
-    def wait_idle(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        with self._lock:
-            while self._busy:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(min(left, 0.05))
-            return True
-
-    def close(self) -> None:
-        """Refuse new requests; the ones already in keep running."""
-        with self._lock:
-            self._closed = True
-
-    def cancel_all(self) -> None:
-        """End every request at the next step with finish reason `cancelled` (shutdown grace period over)."""
-        with self._lock:
-            self._cancel_all = True
-            self._lock.notify_all()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.close()
-        self.cancel_all()
-        with self._lock:
-            self._stopped = True
-            self._lock.notify_all()
-        self._thread.join(timeout)
 
     # ---- the engine thread ----
     def _loop(self) -> None:
@@ -404,7 +417,7 @@ class HeadRequest:
             self.on_event()
 
 
-class HeadScheduler:
+class HeadScheduler(_Engine):
     """The Scheduler's sibling for the prefill-only heads (runtime/heads.py): the same bounded queue, refusals
     (QueueFull, ShuttingDown), close/cancel_all/wait_idle/stop and metrics, without cache slots. Each engine step
     takes up to `max_batch` waiting requests, first come first served, and runs them in one padded
@@ -448,34 +461,6 @@ class HeadScheduler:
         with self._lock:
             return {"waiting": len(self._waiting), "running": self._running,
                     "free_slots": self.max_batch - self._running, "max_batch": self.max_batch}
-
-    def wait_idle(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        with self._lock:
-            while self._busy:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return False
-                self._lock.wait(min(left, 0.05))
-            return True
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-
-    def cancel_all(self) -> None:
-        """Waiting requests end as cancelled; the step that is running finishes."""
-        with self._lock:
-            self._cancel_all = True
-            self._lock.notify_all()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self.close()
-        self.cancel_all()
-        with self._lock:
-            self._stopped = True
-            self._lock.notify_all()
-        self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
