@@ -93,6 +93,14 @@ def infer_backend(args) -> str:
     return check_choice(backend, BACKENDS, "backend")
 
 
+def parse_prompt_ids(text: str) -> list[int]:
+    """--prompt-ids 1,2,3 as token ids; a UserError naming the flag for anything else."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
 def check_readable(folder: str | None, flag: str) -> None:
     """A UserError now when `folder` or a file in it cannot be read by this process (a volume mounted with
     another owner, as in a container), instead of a traceback from deep inside a loader."""

@@ -6,7 +6,7 @@ import sys
 
 from sc2deploy.commands.common import (add_device, add_no_verify, add_run_dtype, add_weights, check_checkpoint,
                                        check_dtype, infer_backend, notice, open_weights, positive_int, print_json,
-                                       resolve_device, runtime_folder)
+                                       parse_prompt_ids, resolve_device, runtime_folder)
 from sc2deploy.commands.progress import StageLog
 from sc2deploy.errors import UserError
 from sc2deploy.runtime import BACKENDS, open_runtime
@@ -62,10 +62,7 @@ def prompt_ids(args, tokenizer: Tokenizer) -> list[int]:
         ids = tokenizer.fim_prompt_ids(validate_text(args.fim_prefix, "--fim-prefix"),
                                        validate_text(args.fim_suffix, "--fim-suffix"))
     else:
-        try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        ids = parse_prompt_ids(args.prompt_ids)
     if not ids:
         raise UserError("the prompt is empty; give some text or token ids")
     return ids

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sc2deploy.commands.common import add_no_verify, check_checkpoint, positive_int
+from sc2deploy.commands.common import add_no_verify, check_checkpoint, parse_prompt_ids, positive_int
 from sc2deploy.config import Config
 from sc2deploy.contract import ARTIFACT, MANIFEST, folder_kind, read_manifest
 from sc2deploy.errors import UserError
@@ -77,10 +77,7 @@ def prompt_ids(args, tokenizer: Tokenizer) -> list[int]:
     if args.prompt is not None:
         ids = tokenizer.encode(validate_text(args.prompt, "--prompt"))
     else:
-        try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        ids = parse_prompt_ids(args.prompt_ids)
     if not ids:
         raise UserError("the prompt is empty; give some text or token ids")
     return ids
