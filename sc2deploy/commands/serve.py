@@ -106,9 +106,10 @@ def register(subparsers) -> None:
     sched.add_argument("--max-queue", type=non_negative_int, default=64, metavar="N",
                        help="requests that may wait for a slot before RESOURCE_EXHAUSTED (default 64)")
     sched.add_argument("--prefill-tokens", type=positive_int, default=256, metavar="N",
-                       help="prompt tokens prefilled per engine step at most; a longer prompt is prefilled in "
-                            "chunks of this size between decode steps, so it delays running streams by one chunk "
-                            "per step (default 256)")
+                       help="prompt tokens prefilled per engine step at most (default 256); while streams "
+                            "decode, a step prefills only as many as take about one decode step (measured), so "
+                            "a long prompt goes in chunks between decode steps and delays running streams by "
+                            "about one step each, not by all of it")
     sched.add_argument("--context", type=positive_int, metavar="N",
                        help="prompt + max_tokens limit per request (default: the model's context); a smaller one "
                             "shrinks each slot's KV cache when the model's window is larger")

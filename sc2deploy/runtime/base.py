@@ -107,6 +107,14 @@ class Runtime(ABC):
         """Cache rows that hold the positions of a sequence of `total` tokens."""
         return min(total, self.capacity)
 
+    def _placeholder_ok(self, slot: int) -> bool:
+        """Whether a decode step over a range of slots may also run `slot`, which it does not decode, on a
+        placeholder token. That writes the slot's next position without counting it: harmless when the write
+        takes a fresh cache row, evicting and overwriting nothing (a free slot, or most prompts partly
+        prefilled), since whatever the slot runs next writes that position again."""
+        held = self._lengths[slot]
+        return self._resident(held + 1) == self._resident(held) + 1
+
     def release(self, slot: int) -> None:
         """The sequence in `slot` is over: the slot may serve as scratch until the next prefill."""
         self._lengths[slot] = 0

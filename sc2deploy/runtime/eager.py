@@ -29,7 +29,7 @@ class EagerRuntime(PaddedPrefill):
         self._check_decode(slots, token_ids)
         tokens = dict(zip(slots, token_ids))
         covering = list(range(min(slots), max(slots) + 1))
-        if all(s in tokens or self._lengths[s] == 0 for s in covering):  # gaps are released slots: scratch rows
+        if all(s in tokens or self._placeholder_ok(s) for s in covering):  # one call over the range
             rows = covering
             where: slice | Tensor = slice(covering[0], covering[-1] + 1)
         else:

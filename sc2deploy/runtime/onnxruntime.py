@@ -185,7 +185,7 @@ class OrtRuntime(Runtime):
         covering = list(range(ordered[0], ordered[-1] + 1))
         if ordered == covering:
             logits = self._decode_rows(ordered, [token_ids[i] for i in order], self._row_pointers(ordered[0]))
-        elif all(self._lengths[s] == 0 for s in set(covering) - set(ordered)):
+        elif all(self._placeholder_ok(s) for s in set(covering) - set(ordered)):
             logits = self._decode_covering(ordered, [token_ids[i] for i in order], covering)
         elif self.provider == "cpu":
             logits = self._decode_gathered(ordered, [token_ids[i] for i in order])
@@ -207,8 +207,9 @@ class OrtRuntime(Runtime):
         return self._run(ids, mask, pointers, keep=1, reuse=reuse)[:, 0]
 
     def _decode_covering(self, slots: list[int], token_ids: list[int], covering: list[int]) -> np.ndarray:
-        """Slots with free slots between them: one call over the whole range, a placeholder token at position 0
-        of each free slot (its row is scratch until the next prefill); their logits are dropped."""
+        """Slots with others between them (free, or partly prefilled): one call over the whole range, a
+        placeholder token in each of the others at its next position (`_placeholder_ok`); their logits are
+        dropped."""
         tokens = dict(zip(slots, token_ids))
         totals = np.asarray([self._lengths[s] + 1 for s in covering])
         mask = (np.arange(int(totals.max()))[None, :] < totals[:, None]).astype(np.int64)

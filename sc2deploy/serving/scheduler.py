@@ -6,11 +6,14 @@ Policy, one iteration of the engine loop:
   2. admit   - waiting requests take free slots (lowest slot first), first come first served. A prompt
                that starts like a stored or running sequence restores that prefix's cache (prefix_cache.py)
                and prefills only the rest;
-  3. prefill - at most `prefill_tokens` prompt tokens per iteration (at least one chunk), the oldest
-               admitted request first; the fresh prompts that fit go in one call (right-padded, for a
-               range of slots), a long prompt goes in chunks, one per iteration, between the decode
-               steps of the running streams, so a 4,000-token prompt delays them by one chunk per step
-               instead of all of it at once. A request whose prompt is complete yields its first token;
+  3. prefill - a budget of prompt tokens per iteration: `prefill_tokens`, and while sequences decode
+               only as many as take about one decode step (both rates measured as it runs; at least
+               MIN_CHUNK), so a running stream's next token waits about two steps, not a whole long
+               prompt (Sarathi-Serve's stall-free batching). The shortest rests go first, so a short
+               request is not queued behind a long prompt; the oldest prompt still gets MIN_CHUNK
+               tokens each iteration. The fresh prompts that fit go in one call (right-padded, for a
+               range of slots), a long prompt in chunks. A request whose prompt is complete yields its
+               first token;
   4. decode  - one runtime.decode step for every running sequence together; each sequence accepts its
                logits, its new text goes to its client, and finished sequences leave at once (their cache
                goes to the prefix cache, and their slot is released).
@@ -39,6 +42,8 @@ from sc2deploy.tokenizer import Tokenizer, Trimmed
 log = logging.getLogger("sc2deploy.serving")
 
 DEADLINE = "deadline"  # Finished.reason when the request's deadline passed (not a Sequence finish reason)
+MIN_CHUNK = 16  # prompt tokens an iteration prefills at least while sequences decode
+RATE_WEIGHT = 0.3  # of the newest measurement in the running averages of decode and prefill speed
 
 
 class QueueFull(Exception):
@@ -98,6 +103,11 @@ class Request:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
+    @property
+    def rest(self) -> int:
+        """Prompt tokens not yet in the cache."""
+        return len(self.job.prompt_ids) - self.cursor
+
     def next_event(self, timeout: float | None = None) -> Step | Finished | None:
         """The next event; None when none came within `timeout` seconds (0: do not wait)."""
         try:
@@ -150,8 +160,10 @@ class _Engine:
 
 class Scheduler(_Engine):
     def __init__(self, runtime: Runtime, tokenizer: Tokenizer, max_queue: int = 64, prefill_tokens: int = 256,
-                 metrics: Metrics | None = None, prefix_cache_bytes: int = 0):
-        self.runtime, self.tokenizer = runtime, tokenizer
+                 metrics: Metrics | None = None, prefix_cache_bytes: int = 0,
+                 clock: Callable[[], float] = time.perf_counter):
+        """clock: what times the runtime's calls (for the prefill budget and the step metrics)."""
+        self.runtime, self.tokenizer, self.clock = runtime, tokenizer, clock
         self.max_batch, self.max_queue, self.prefill_tokens = runtime.max_batch, max_queue, max(prefill_tokens, 1)
         self.metrics = metrics or Metrics()
         self.prefix_cache = PrefixCache(runtime, prefix_cache_bytes, self.metrics)
@@ -159,6 +171,8 @@ class Scheduler(_Engine):
         self._waiting: deque[Request] = deque()
         self._prefilling: dict[int, Request] = {}  # slot -> request whose prompt is partly in the cache
         self._running: dict[int, Request] = {}  # slot -> request; engine thread only
+        self._decode_seconds = 0.0  # running averages: seconds per decode step, prompt tokens per second
+        self._prefill_rate = 0.0
         self._free = list(range(self.max_batch))  # a heap: lowest free slot first
         self._ids = itertools.count(1)
         self._closed = False  # no new requests
@@ -259,47 +273,62 @@ class Scheduler(_Engine):
             if request.cursor:
                 yield request.job.prompt_ids[:request.cursor], slot
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens for this iteration (see the module's policy, step 3)."""
+        if not self._running or not self._decode_seconds or not self._prefill_rate:
+            return self.prefill_tokens
+        return min(self.prefill_tokens, max(MIN_CHUNK, int(self._decode_seconds * self._prefill_rate)))
+
     def _prefill(self) -> None:
-        """Up to `prefill_tokens` prompt tokens, oldest request first; at least one chunk per iteration."""
-        budget = self.prefill_tokens
-        chunked = self.runtime.supports_extend
-        whole: list[tuple[int, Request]] = []  # fresh prompts that fit: one call for them all
-        for slot, request in list(self._prefilling.items()):
-            if budget <= 0:
-                break
-            prompt = request.job.prompt_ids
-            left = len(prompt) - request.cursor
-            if request.cursor == 0 and left <= budget:
-                whole.append((slot, request))
-                budget -= left
+        """This iteration's budget of prompt tokens: the shortest rests first, MIN_CHUNK at least for the oldest,
+        at least one chunk; the fresh prompts that fit in one call."""
+        budget, floor = self._prefill_budget(), min(MIN_CHUNK, self.prefill_tokens)
+        oldest = next(iter(self._prefilling), None)  # dicts keep admission order
+        spent = 0
+        whole: list[tuple[int, Request]] = []
+        for slot, request in sorted(self._prefilling.items(), key=lambda item: item[1].rest):
+            room = max(budget - spent, floor) if slot == oldest else budget - spent
+            if room <= 0:
                 continue
-            if chunked:
-                size = min(left, budget)
-            elif left > budget and budget < self.prefill_tokens:
-                break  # this runtime prefills whole prompts only; one at least per iteration
+            left = request.rest
+            if request.cursor == 0 and left <= room:
+                whole.append((slot, request))
+                spent += left
+                continue
+            if self.runtime.supports_extend:
+                size = min(left, room)
+            elif spent:
+                continue  # this runtime prefills whole prompts only; one at least per iteration
             else:
                 size = left
-            chunk = prompt[request.cursor:request.cursor + size]
-            budget -= size
-            self.metrics.prompt_tokens.inc(size)
-            try:
-                if request.cursor:
-                    logits = self.runtime.extend(slot, chunk)
-                else:
-                    logits = self.runtime.prefill(slot, chunk)
-            except Exception:
-                log.exception("prefill failed for request %d", request.id, extra={"request_id": request.request_id})
-                self._finish(request, Finished("error", error="prefill failed on this request"))
-                continue
-            request.cursor += size
-            if request.cursor == len(prompt):
-                self._start(slot, request, logits)
+            spent += size
+            self._prefill_chunk(slot, request, size)
         if whole:
-            self._prefill_whole(whole)
+            self._prefill_whole(sorted(whole))  # in slot order: one call for a range of slots
+
+    def _prefill_chunk(self, slot: int, request: Request, size: int) -> None:
+        chunk = request.job.prompt_ids[request.cursor:request.cursor + size]
+        self.metrics.prompt_tokens.inc(size)
+        start = self.clock()
+        try:
+            if request.cursor:
+                logits = self.runtime.extend(slot, chunk)
+            else:
+                logits = self.runtime.prefill(slot, chunk)
+        except Exception:
+            log.exception("prefill failed for request %d", request.id, extra={"request_id": request.request_id})
+            self._finish(request, Finished("error", error="prefill failed on this request"))
+            return
+        self._measure_prefill(size, self.clock() - start)
+        request.cursor += size
+        if not request.rest:
+            self._start(slot, request, logits)
 
     def _prefill_whole(self, whole: list[tuple[int, Request]]) -> None:
         prompts = [request.job.prompt_ids for _, request in whole]
-        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        tokens = sum(len(p) for p in prompts)
+        self.metrics.prompt_tokens.inc(tokens)
+        start = self.clock()
         try:
             logits = self.runtime.prefill_many([slot for slot, _ in whole], prompts)
         except Exception:
@@ -307,9 +336,13 @@ class Scheduler(_Engine):
             for _, request in whole:
                 self._finish(request, Finished("error", error="prefill failed on this request"))
             return
+        self._measure_prefill(tokens, self.clock() - start)
         for (slot, request), row in zip(whole, logits):
             request.cursor = len(request.job.prompt_ids)
             self._start(slot, request, row)
+
+    def _measure_prefill(self, tokens: int, seconds: float) -> None:
+        self._prefill_rate = _average(self._prefill_rate, tokens / max(seconds, 1e-6))
 
     def _start(self, slot: int, request: Request, logits) -> None:
         """The prompt is in the cache: the request runs, and its first token goes out."""
@@ -319,9 +352,11 @@ class Scheduler(_Engine):
     def _decode(self) -> None:
         slots = sorted(self._running)
         tokens = [self._running[s].seq.last_token for s in slots]
-        start = time.perf_counter()
+        start = self.clock()
         logits = self.runtime.decode(slots, tokens)
-        self.metrics.observe_step(len(slots), time.perf_counter() - start)
+        seconds = self.clock() - start
+        self.metrics.observe_step(len(slots), seconds)
+        self._decode_seconds = _average(self._decode_seconds, seconds)
         greedy = [row for row, slot in enumerate(slots) if self._running[slot].seq.params.greedy]
         rows = logits if len(greedy) == len(slots) else logits[greedy]  # (indexing copies the rows)
         chosen = dict(zip(greedy, rows.argmax(dim=-1).tolist()))  # one argmax for all greedy rows
@@ -385,6 +420,10 @@ class Scheduler(_Engine):
         with self._lock:
             self._busy -= 1
             self._lock.notify_all()
+
+
+def _average(average: float, value: float) -> float:
+    return value if not average else (1 - RATE_WEIGHT) * average + RATE_WEIGHT * value
 
 
 @dataclass(eq=False)

@@ -89,3 +89,23 @@ def test_prefill_many_equals_one_by_one(make):
     assert greedy_tail(runtime, 1, together[1], 8) == greedy_tail(alone, 1, alone.prefill(1, prompts[1]), 8)
     scattered = runtime.prefill_many([2, 0], prompts[:2])  # not a range: one by one
     assert (scattered[0] - together[0]).abs().max() < TOLERANCE
+
+
+# Its next position in a fresh row (5; 30 in ORT's compacting cache), or one that evicts (24: ORT's 24 rows are
+# full) or overwrites (24 and 30 in eager's ring of 8): decoded around, or gathered.
+@pytest.mark.parametrize("partial", [5, 24, 30])
+def test_decode_around_a_partly_prefilled_slot_leaves_it_exact(make, partial):
+    runtime, alone = make(), make()
+    prompt, others = ids(partial + 9, 6), [ids(4, 7), ids(11, 8)]
+    last = [int(runtime.prefill(slot, p).argmax()) for slot, p in zip((0, 2), others)]
+    runtime.prefill(1, prompt[:partial])  # a chunk of a prompt, the rest to come
+    for _ in range(6):  # decode steps over slots 0 and 2, with slot 1 between them
+        logits = runtime.decode([0, 2], last)
+        last = [int(row.argmax()) for row in logits]
+    assert runtime.length(1) == partial
+    if isinstance(runtime, OrtRuntime):  # one call over slots 0..2, not a gathered batch
+        assert ((runtime._row_pointers(0)[0][0], 3) in runtime._bindings) == (partial != 24)
+    warm = runtime.extend(1, prompt[partial:], all_logits=True)
+    cold = alone.prefill(1, prompt, all_logits=True)
+    assert (warm - cold[partial:]).abs().max() < TOLERANCE
+    assert greedy_tail(runtime, 1, warm[-1], 8) == greedy_tail(alone, 1, cold[-1], 8)

@@ -143,3 +143,85 @@ def test_queue_bound_and_deadline(gated, tokenizer):
         assert finished.reason == DEADLINE and not events
     assert scheduler.stats()["waiting"] == 0
     assert all(r.slot is not None for r in running)
+
+
+class ClockedRuntime(Runtime):
+    """Logits that always pick token 100, on a clock of its own: a decode step costs 1/32 s, a prompt token 1/1024 s
+    (so about 32 prompt tokens take as long as a decode step). `during_extend` runs inside each extend."""
+
+    name, dtype = "fake", "fp32"
+    supports_extend = True
+    DECODE, TOKEN = 1 / 32, 1 / 1024
+
+    def __init__(self, max_batch: int):
+        self.config, self.max_batch, self.capacity = preset("tiny"), max_batch, 4096
+        self._init_slots()
+        self.now = 0.0
+        self.calls: list[tuple[str, int, int]] = []  # (kind, slot, tokens)
+        self.during_extend = lambda: None
+
+    def clock(self) -> float:
+        return self.now
+
+    def _logits(self, n: int) -> torch.Tensor:
+        logits = torch.zeros(n, self.config.vocab_size)
+        logits[:, 100] = 1.0
+        return logits
+
+    def prefill(self, slot, token_ids, all_logits=False):
+        self.calls.append(("prefill", slot, len(token_ids)))
+        self.now += self.TOKEN * len(token_ids)
+        self._lengths[slot] = len(token_ids)
+        return self._logits(1)[0]
+
+    def extend(self, slot, token_ids, all_logits=False):
+        self.calls.append(("extend", slot, len(token_ids)))
+        self.now += self.TOKEN * len(token_ids)
+        self._lengths[slot] += len(token_ids)
+        self.during_extend()
+        return self._logits(1)[0]
+
+    def decode(self, slots, token_ids):
+        self.calls.append(("decode", -1, len(slots)))
+        self.now += self.DECODE
+        for s in slots:
+            self._lengths[s] += 1
+        return self._logits(len(slots))
+
+
+def test_while_streams_decode_a_step_prefills_about_one_decode_step_of_prompt(tokenizer):
+    runtime = ClockedRuntime(max_batch=4)
+    scheduler = Scheduler(runtime, tokenizer, max_queue=4, prefill_tokens=256, clock=runtime.clock)
+    try:
+        streams = [scheduler.submit(job(tokenizer, prompt_len=4, max_tokens=400)) for _ in range(2)]
+        long = scheduler.submit(job(tokenizer, prompt_len=1000, max_tokens=1))
+        late: list = []
+
+        def arrive() -> None:  # during the long prompt's fifth chunk, a 40-token prompt
+            if sum(kind == "extend" for kind, _, _ in runtime.calls) == 5:
+                late.append(scheduler.submit(job(tokenizer, prompt_len=40, max_tokens=1)))
+
+        runtime.during_extend = arrive
+        assert finish(long)[1].reason == "length" and finish(late[0])[1].reason == "length"
+        assert all(stream.next_event(timeout=5) is not None for stream in streams)
+    finally:
+        scheduler.close()
+        scheduler.cancel_all()
+        scheduler.stop()
+    # Nothing decodes yet: the first iteration spends the whole budget, 248 tokens of the long prompt (slot 2)
+    # and the two short ones in one call.
+    assert runtime.calls[:4] == [("prefill", 2, 248), ("prefill", 0, 4), ("prefill", 1, 4), ("decode", -1, 2)]
+    steps: list[dict[int, int]] = [{}]  # per iteration after that: slot -> prompt tokens prefilled
+    for kind, slot, n in runtime.calls[4:]:
+        if kind == "decode":
+            steps.append({})
+        else:
+            steps[-1][slot] = n
+    assert sum(step.get(2, 0) for step in steps) == 1000 - 248
+    # While streams decode, ~32 prompt tokens per iteration: as long as a decode step takes.
+    assert all(30 <= sum(step.values()) <= 32 for step in steps[:4]), steps[:4]
+    # The late prompt (slot 3) goes first, the oldest still gets 16; then the late one's rest.
+    assert steps[5] == {3: 32, 2: 16}, steps[4:7]
+    assert steps[6][3] == 8 and 22 <= steps[6][2] <= 24
+    later = [step for step in steps[7:] if step][:-1]  # but the long prompt's remainder
+    assert later and all(30 <= sum(step.values()) <= 32 for step in later), steps[7:]
