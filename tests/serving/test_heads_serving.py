@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -87,21 +88,33 @@ def test_classify_matches_the_runtime_alone_and_batches(heads, kind):
             assert rows(got.logits).shape == expected.shape
             assert np.abs(rows(got.logits) - expected).max() < ATOL
             assert np.abs(rows(got.scores) - scores(expected, head.scores)).max() < ATOL
-        # Concurrent calls: the engine takes up to max_batch waiting requests into one padded call.
+        # Concurrent calls: the engine takes up to max_batch waiting requests into one padded call. Its first step
+        # is held until all the others wait, so that this does not depend on the machine's speed.
         steps = s.server.metrics.batch_size.collect()[0].samples
         before = {x.name: x.value for x in steps}
         results: list = [None] * (3 * len(PROMPTS))
-        go = threading.Barrier(len(results))
+        release, run = threading.Event(), s.runtime.run
+
+        def held_run(*args, **kwargs):
+            assert release.wait(30)
+            return run(*args, **kwargs)
 
         def call(i):
-            go.wait()
             results[i] = s.stub.Classify(pb.ClassifyRequest(token_ids=PROMPTS[i % len(PROMPTS)]))
 
+        s.runtime.run = held_run
         threads = [threading.Thread(target=call, args=(i,)) for i in range(len(results))]
         for t in threads:
             t.start()
+        for _ in range(3000):
+            stats = s.server.scheduler.stats()
+            if stats["waiting"] + stats["running"] == len(results):
+                break
+            time.sleep(0.01)
+        release.set()
         for t in threads:
             t.join(30)
+        s.runtime.run = run
         for i, got in enumerate(results):
             assert np.abs(rows(got.logits) - rows(one_by_one[i % len(PROMPTS)].logits)).max() < ATOL
         after = {x.name: x.value for x in s.server.metrics.batch_size.collect()[0].samples}
