@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -187,13 +189,41 @@ async def done(handle: HeadRequest) -> HeadRequest:
 def _wake_on_event(handle: Request | HeadRequest) -> asyncio.Event:
     """An event of the running loop that the engine thread sets after each event of `handle`."""
     loop = asyncio.get_running_loop()
+    waker = _WAKERS.get(loop)
+    if waker is None:
+        waker = _WAKERS[loop] = _LoopWaker(loop)
     ready = asyncio.Event()
-
-    def wake() -> None:
-        try:
-            loop.call_soon_threadsafe(ready.set)
-        except RuntimeError:  # the loop is closed: the server is gone
-            pass
-
-    handle.on_event = wake
+    handle.on_event = lambda: waker.wake(ready)
     return ready
+
+
+class _LoopWaker:
+    """Sets events of one loop from the engine thread: one wake-up of the loop for all the requests a step served
+    (a decode step of 16 streams wrote 16 times to the loop's self-pipe, 2.5 % of the engine thread's time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = weakref.ref(loop)  # not kept alive by its entry in _WAKERS
+        self.lock, self.pending = threading.Lock(), []
+
+    def wake(self, ready: asyncio.Event) -> None:
+        with self.lock:
+            self.pending.append(ready)
+            if len(self.pending) > 1:
+                return  # a wake-up is already on its way
+        loop = self.loop()
+        try:
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(self._set_pending)
+        except RuntimeError:  # the loop is closed: the server is gone
+            with self.lock:
+                self.pending.clear()
+
+    def _set_pending(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for ready in pending:
+            ready.set()
+
+
+_WAKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = weakref.WeakKeyDictionary()
