@@ -203,7 +203,8 @@ class _LoopWaker:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = weakref.ref(loop)  # not kept alive by its entry in _WAKERS
-        self.lock, self.pending = threading.Lock(), []
+        self.lock = threading.Lock()
+        self.pending: list[asyncio.Event] = []
 
     def wake(self, ready: asyncio.Event) -> None:
         with self.lock:
