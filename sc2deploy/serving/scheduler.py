@@ -281,7 +281,8 @@ class Scheduler(_Engine):
 
     def _prefill(self) -> None:
         """This iteration's budget of prompt tokens: the shortest rests first, MIN_CHUNK at least for the oldest,
-        at least one chunk; the fresh prompts that fit in one call."""
+        at least one chunk; the fresh prompts that fit in one call, and those that would fit a whole budget are
+        not cut."""
         budget, floor = self._prefill_budget(), min(MIN_CHUNK, self.prefill_tokens)
         oldest = next(iter(self._prefilling), None)  # dicts keep admission order
         spent = 0
@@ -295,6 +296,8 @@ class Scheduler(_Engine):
                 whole.append((slot, request))
                 spent += left
                 continue
+            if request.cursor == 0 and left <= budget and slot != oldest:
+                continue  # whole in a later iteration rather than cut into pieces
             if self.runtime.supports_extend:
                 size = min(left, room)
             elif spent:

@@ -225,3 +225,20 @@ def test_while_streams_decode_a_step_prefills_about_one_decode_step_of_prompt(to
     assert steps[6][3] == 8 and 22 <= steps[6][2] <= 24
     later = [step for step in steps[7:] if step][:-1]  # but the long prompt's remainder
     assert later and all(30 <= sum(step.values()) <= 32 for step in later), steps[7:]
+
+
+def test_short_prompts_are_prefilled_whole_in_turn_not_cut_to_fill_a_step(tokenizer):
+    runtime = ClockedRuntime(max_batch=4)
+    scheduler = Scheduler(runtime, tokenizer, max_queue=4, prefill_tokens=256, clock=runtime.clock)
+    try:
+        stream = scheduler.submit(job(tokenizer, prompt_len=4, max_tokens=400))
+        assert stream.next_event(timeout=5) is not None  # decoding: ~32 prompt tokens per iteration now
+        with scheduler._lock:  # all three wait when the engine next admits
+            shorts = [scheduler.submit(job(tokenizer, prompt_len=20, max_tokens=1)) for _ in range(3)]
+        assert all(finish(short)[1].reason == "length" for short in shorts)
+    finally:
+        scheduler.close()
+        scheduler.cancel_all()
+        scheduler.stop()
+    prefills = [(kind, slot, n) for kind, slot, n in runtime.calls if kind != "decode"]
+    assert prefills == [("prefill", 0, 4), ("prefill", 1, 20), ("prefill", 2, 20), ("prefill", 3, 20)]
