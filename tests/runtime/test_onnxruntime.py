@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,3 +159,20 @@ def test_released_slots_between_running_ones_decode_as_one_range(tiny):
     assert (fresh[0] - fresh[1]).abs().max() < 1e-4
     both = [rt.decode([0, 1, 2, 3], [5, 6, 7, 8]) for rt in runtimes]
     assert (both[0] - both[1]).abs().max() < 1e-4
+
+
+def test_the_window_cache_takes_memory_as_it_is_written():
+    from sc2deploy.runtime.onnxruntime import _zeros
+
+    def resident_mib() -> float:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) / 1024
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux's /proc to read resident memory")
+    before = resident_mib()
+    cache = _zeros((4, 4, 4608, 128), np.float32)  # 36 MiB: a 15b layer's keys for 4 slots
+    cache[:, :, :21] = 1.0  # 21 positions of each (slot, head)
+    grown = resident_mib() - before
+    assert not cache[:, :, 21:].any() and cache.flags.writeable
+    assert grown < 8, f"{grown:.1f} MiB resident for 0.7 MiB written: whole huge pages were taken"
