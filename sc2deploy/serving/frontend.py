@@ -59,6 +59,7 @@ class Frontend:
     def __init__(self, scheduler: Scheduler | HeadScheduler, tokenizer: Tokenizer, limits: Limits, metrics: Metrics,
                  max_preparing: int, task: str = TEXT_GENERATION):
         self.scheduler, self.tokenizer, self.limits, self.metrics = scheduler, tokenizer, limits, metrics
+        scheduler.after_events = wake_loops  # events() and done() wait on the loop for what the engine emits
         self.task = task  # what the served model does (sc2deploy/tasks.py); it decides which methods run
         self.model_vocab_size = tokenizer.vocab_size  # the model's, when smaller (set by the server)
         self.max_preparing = max_preparing
@@ -187,30 +188,46 @@ async def done(handle: HeadRequest) -> HeadRequest:
 
 
 def _wake_on_event(handle: Request | HeadRequest) -> asyncio.Event:
-    """An event of the running loop that the engine thread sets after each event of `handle`."""
+    """An event of the running loop that is set after each event of `handle`, once the engine thread has called
+    wake_loops() (the schedulers' after_events)."""
     loop = asyncio.get_running_loop()
-    waker = _WAKERS.get(loop)
-    if waker is None:
-        waker = _WAKERS[loop] = _LoopWaker(loop)
+    with _WAKERS_LOCK:
+        waker = _WAKERS.get(loop)
+        if waker is None:
+            waker = _WAKERS[loop] = _LoopWaker(loop)
     ready = asyncio.Event()
-    handle.on_event = lambda: waker.wake(ready)
+    handle.on_event = lambda: waker.note(ready)
     return ready
 
 
+def wake_loops() -> None:
+    """Wake each event loop once for the events noted since the last call; called on the engine thread."""
+    with _WAKERS_LOCK:
+        wakers = list(_WAKERS.values())
+    for waker in wakers:
+        waker.flush()
+
+
 class _LoopWaker:
-    """Sets events of one loop from the engine thread: one wake-up of the loop for all the requests a step served
-    (a decode step of 16 streams wrote 16 times to the loop's self-pipe, 2.5 % of the engine thread's time)."""
+    """Sets events of one loop from the engine thread, one wake-up of the loop for all the requests a step
+    served: a decode step of 16 streams wrote 16 times to the loop's self-pipe, 2.5 % of the engine thread's
+    time, and waking at the first event of a step does not coalesce (the loop drains it at once)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = weakref.ref(loop)  # not kept alive by its entry in _WAKERS
         self.lock = threading.Lock()
         self.pending: list[asyncio.Event] = []
+        self.scheduled = False
 
-    def wake(self, ready: asyncio.Event) -> None:
+    def note(self, ready: asyncio.Event) -> None:
         with self.lock:
             self.pending.append(ready)
-            if len(self.pending) > 1:
-                return  # a wake-up is already on its way
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self.pending or self.scheduled:
+                return
+            self.scheduled = True
         loop = self.loop()
         try:
             if loop is None:
@@ -219,12 +236,14 @@ class _LoopWaker:
         except RuntimeError:  # the loop is closed: the server is gone
             with self.lock:
                 self.pending.clear()
+                self.scheduled = False
 
     def _set_pending(self) -> None:
         with self.lock:
-            pending, self.pending = self.pending, []
+            pending, self.pending, self.scheduled = self.pending, [], False
         for ready in pending:
             ready.set()
 
 
 _WAKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = weakref.WeakKeyDictionary()
+_WAKERS_LOCK = threading.Lock()

@@ -126,6 +126,13 @@ class _Engine:
     _cancel_all: bool
     _stopped: bool
     _thread: threading.Thread
+    # Called on the engine thread once a phase of a step has emitted its events (a front end wakes its event
+    # loop once for all of them, not once per event).
+    after_events: Callable[[], None] | None = None
+
+    def _events_out(self) -> None:
+        if self.after_events is not None:
+            self.after_events()
 
     def wait_idle(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -216,12 +223,15 @@ class Scheduler(_Engine):
                 self._reap()
                 self._admit()
                 self._prefill()
+                self._events_out()  # first tokens go out before the decode step
                 if self._running:
                     self._decode()
             except Exception:  # a bug or a runtime failure: fail what is running, keep serving
                 log.exception("engine step failed; ending the running requests")
                 for request in list(self._running.values()) + list(self._prefilling.values()):
                     self._finish(request, Finished("error", error="the engine failed on this request"))
+            finally:
+                self._events_out()
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -519,10 +529,13 @@ class HeadScheduler(_Engine):
                     (gone if self._cancel_all or request.cancelled or request.expired(now) else batch).append(request)
                 self._running = len(batch)
                 self.metrics.queue_depth.set(len(self._waiting))
-            for request in gone:
-                self._done(request, DEADLINE if request.expired(now) else FINISH_CANCELLED)
-            if batch:
-                self._step(batch)
+            try:
+                for request in gone:
+                    self._done(request, DEADLINE if request.expired(now) else FINISH_CANCELLED)
+                if batch:
+                    self._step(batch)
+            finally:
+                self._events_out()
 
     def _step(self, batch: list[HeadRequest]) -> None:
         prompts = [request.prompt_ids for request in batch]
