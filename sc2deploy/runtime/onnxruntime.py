@@ -74,11 +74,9 @@ class OrtRuntime(Runtime):
         self.capacity = self._capacity(capacity, cache_slack)
         self.session = ort_session(artifact.model_path, self.provider, threads, optimization)
         # An input with a default (an overridable initializer): IOBinding takes it as an OrtValue only.
-        self._logits_to_keep = None
+        self._logits_to_keep: dict[int, Any] | None = None  # keep -> its OrtValue, made as needed
         if any(i.name == LOGITS_TO_KEEP for i in self.session.get_overridable_initializers()):
-            import onnxruntime as ort
-
-            self._logits_to_keep = {k: ort.OrtValue.ortvalue_from_numpy(np.asarray([k], dtype=np.int64)) for k in (0, 1)}
+            self._logits_to_keep = {}
         self._allocate_cache()
         self._bindings: dict[tuple[int, int], Any] = {}  # onnxruntime.IOBinding
         self._init_slots()
@@ -137,11 +135,18 @@ class OrtRuntime(Runtime):
     def prefill_many(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> list[Tensor]:
         if len(slots) < 2 or list(slots) != list(range(slots[0], slots[0] + len(slots))):
             return super().prefill_many(slots, prompts)
-        logits = self._prefill_rows(list(slots), prompts)  # every position's: the rows end at different columns
-        return [_to_torch(logits[row, len(p) - 1]) for row, p in enumerate(prompts)]
+        # The rows end at different columns: the logits of the last positions from the shortest row's end on
+        # (without them the vocabulary projection of every position cost as much as the rest of a prefill).
+        longest = max(len(p) for p in prompts)
+        spread = longest - min(len(p) for p in prompts) + 1
+        keep = min(longest, 1 << (spread - 1).bit_length()) if self._logits_to_keep is not None else 0  # a power of 2
+        logits = self._prefill_rows(list(slots), prompts, keep)
+        first = longest - keep if keep else 0  # the column of logits[:, 0]
+        return [_to_torch(logits[row, len(p) - 1 - first]) for row, p in enumerate(prompts)]
 
-    def _prefill_rows(self, slots: list[int], prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """Fresh prompts into the contiguous `slots`, right-padded in one call; the logits of every position."""
+    def _prefill_rows(self, slots: list[int], prompts: Sequence[Sequence[int]], keep: int = 0) -> np.ndarray:
+        """Fresh prompts into the contiguous `slots`, right-padded in one call; the logits of the last `keep`
+        positions (0: every position)."""
         for slot, prompt in zip(slots, prompts):
             self._check_prefill(slot, prompt)
             self._check_room(len(prompt))
@@ -151,7 +156,7 @@ class OrtRuntime(Runtime):
         for row, p in enumerate(prompts):
             ids[row, :len(p)] = p
             mask[row, :len(p)] = 1
-        logits = self._run(ids, mask, self._row_pointers(slots[0]), keep=0)
+        logits = self._run(ids, mask, self._row_pointers(slots[0]), keep=keep)
         for slot, p in zip(slots, prompts):
             self._lengths[slot] = len(p)
         return logits
@@ -278,6 +283,10 @@ class OrtRuntime(Runtime):
         c = self.config
         io = self.session.io_binding()
         if self._logits_to_keep is not None:
+            if keep not in self._logits_to_keep:
+                import onnxruntime as ort
+
+                self._logits_to_keep[keep] = ort.OrtValue.ortvalue_from_numpy(np.asarray([keep], dtype=np.int64))
             io.bind_ortvalue_input(LOGITS_TO_KEEP, self._logits_to_keep[keep])
         if logits is not None:
             io.bind_output(LOGITS, "cpu", 0, self._np_dtype, list(logits.shape), logits.ctypes.data)

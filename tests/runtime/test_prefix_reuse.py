@@ -79,13 +79,14 @@ def test_extend_checks_its_slot(make):
         runtime.extend(0, [1, 2])
 
 
-def test_prefill_many_equals_one_by_one(make):
+@pytest.mark.parametrize("lengths", [(5, 12, 3), (10, 12, 11)])  # ragged past the window; close together
+def test_prefill_many_equals_one_by_one(make, lengths):
     runtime, alone = make(), make()
-    prompts = [ids(n, 10 + n) for n in (5, 12, 3)]  # ragged, past the window
+    prompts = [ids(n, 10 + n) for n in lengths]
     together = runtime.prefill_many([0, 1, 2], prompts)
     for slot, (prompt, logits) in enumerate(zip(prompts, together)):
         assert (logits - alone.prefill(slot, prompt)).abs().max() < TOLERANCE
-    assert [runtime.length(s) for s in range(3)] == [5, 12, 3]
+    assert [runtime.length(s) for s in range(3)] == list(lengths)
     assert greedy_tail(runtime, 1, together[1], 8) == greedy_tail(alone, 1, alone.prefill(1, prompts[1]), 8)
     scattered = runtime.prefill_many([2, 0], prompts[:2])  # not a range: one by one
     assert (scattered[0] - together[0]).abs().max() < TOLERANCE
