@@ -200,10 +200,10 @@ class PaddedPrefill(Runtime):
             return super().prefill_many(slots, prompts)
         for slot, prompt in zip(slots, prompts):
             self._check_prefill(slot, prompt)
-        logits = self._prefill_rows([list(p) for p in prompts], slots[0], all_logits=True)
+        logits = self._prefill_rows([list(p) for p in prompts], slots[0], all_logits=False)
         for slot, p in zip(slots, prompts):
             self._lengths[slot] = len(p)
-        return [logits[row, len(p) - 1] for row, p in enumerate(prompts)]
+        return [logits[row, -1] for row in range(len(prompts))]
 
 
 def _copy(array: Any) -> Any:

@@ -58,9 +58,14 @@ class EagerRuntime(PaddedPrefill):
 
     def _prefill_rows(self, prompts: list[list[int]], first_slot: int, all_logits: bool) -> Tensor:
         lengths = [len(p) for p in prompts]
-        batch = self._tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
-        keep = 1 if not all_logits and len(prompts) == 1 else 0
-        return self._run(batch, self._mask(lengths), slice(first_slot, first_slot + len(prompts)), keep)
+        longest = max(lengths)
+        batch = self._tensor([p + [0] * (longest - len(p)) for p in prompts])
+        keep = 0 if all_logits else longest - min(lengths) + 1  # the columns from the shortest row's end on
+        logits = self._run(batch, self._mask(lengths), slice(first_slot, first_slot + len(prompts)), keep)
+        if all_logits or keep == 1:
+            return logits
+        last = self._tensor(lengths) - 1 - (longest - keep)  # each row's last token, within the kept columns
+        return logits[torch.arange(len(prompts), device=self.device), last][:, None]
 
     def _tensor(self, values: list) -> Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
