@@ -10,7 +10,8 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -85,12 +86,8 @@ class Frontend:
     def submit(self, job: Job, call: Call, deadline: float | None = None) -> Request:
         call.prompt_tokens = len(job.prompt_ids)
         assert isinstance(self.scheduler, Scheduler), "prepare refuses completions on a head model"
-        try:
+        with _refused_when_full():
             return self.scheduler.submit(job, deadline, request_id=call.request_id)
-        except QueueFull as e:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        except ShuttingDown as e:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
     def require(self, method: str) -> None:
         """FAILED_PRECONDITION unless the served model's task serves `method`."""
@@ -144,12 +141,8 @@ class Frontend:
     def submit_prompt(self, ids: list[int], call: Call, deadline: float | None = None) -> HeadRequest:
         call.prompt_tokens = len(ids)
         assert isinstance(self.scheduler, HeadScheduler)
-        try:
+        with _refused_when_full():
             return self.scheduler.submit(ids, deadline, request_id=call.request_id)
-        except QueueFull as e:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        except ShuttingDown as e:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
     def count(self, call: Call, code: str, detail: str = "") -> None:
         """Count the call under its final status and write its access-log line."""
@@ -163,6 +156,17 @@ class Frontend:
 
     def close(self) -> None:
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextmanager
+def _refused_when_full() -> Iterator[None]:
+    """A scheduler's refusals as the front ends' statuses: a full queue, a server shutting down."""
+    try:
+        yield
+    except QueueFull as e:
+        raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+    except ShuttingDown as e:
+        raise Refused(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
 
 async def events(handle: Request) -> AsyncIterator[Step | Finished]:

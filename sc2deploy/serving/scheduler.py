@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from sc2deploy.generation import FINISH_CANCELLED, FINISH_STOP, Sequence
@@ -117,10 +117,17 @@ class Request:
 
 
 class _Engine:
-    """The shutdown and idle protocol both schedulers share. A subclass holds `_lock` (a Condition), `_busy`
-    (requests waiting or running), the flags `_closed`, `_cancel_all`, `_stopped`, and its engine `_thread`."""
+    """The admission, shutdown and idle protocol both schedulers share. A subclass holds `_lock` (a Condition),
+    its `_waiting` queue, `_ids`, `max_batch`, `max_queue`, `metrics`, `_busy` (requests waiting or running), the
+    flags `_closed`, `_cancel_all`, `_stopped`, its engine `_thread`, and says how many requests it could take
+    now (`_places`)."""
 
     _lock: threading.Condition
+    _waiting: deque
+    _ids: Iterator[int]
+    max_batch: int
+    max_queue: int
+    metrics: Metrics
     _busy: int
     _closed: bool
     _cancel_all: bool
@@ -133,6 +140,24 @@ class _Engine:
     def _events_out(self) -> None:
         if self.after_events is not None:
             self.after_events()
+
+    def _places(self) -> int:
+        """Requests the engine could take now without queueing them (called under the lock)."""
+        raise NotImplementedError
+
+    def _enqueue(self, request: Request | HeadRequest, room: str) -> None:
+        """Queue `request`, unless the server is closing or `max_queue` requests already wait beyond the engine's
+        places (`room` says what those are, for the refusal)."""
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if len(self._waiting) - self._places() >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting {room}); retry later")
+            request.id = next(self._ids)
+            self._waiting.append(request)
+            self._busy += 1
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._lock.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -193,23 +218,16 @@ class Scheduler(_Engine):
     def submit(self, job: Job, deadline: float | None = None, request_id: str = "") -> Request:
         seq = Sequence(self.tokenizer, list(job.prompt_ids), job.params, job.stop_ids, logprobs=job.logprobs)
         request = Request(job, seq, deadline, request_id=request_id)
-        with self._lock:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down; retry on another replica")
-            if len(self._waiting) - len(self._free) >= self.max_queue:  # waiting beyond the free slots
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting for "
-                                f"{self.max_batch} slots); retry later")
-            request.id = next(self._ids)
-            self._waiting.append(request)
-            self._busy += 1
-            self.metrics.queue_depth.set(len(self._waiting))
-            self._lock.notify_all()
+        self._enqueue(request, f"for {self.max_batch} slots")
         return request
+
+    def _places(self) -> int:
+        return len(self._free)
 
     def stats(self) -> dict:
         with self._lock:
             return {"waiting": len(self._waiting), "running": self._busy - len(self._waiting),
-                    "free_slots": len(self._free), "max_batch": self.max_batch}
+                    "free_slots": self._places(), "max_batch": self.max_batch}
 
     # ---- the engine thread ----
     def _loop(self) -> None:
@@ -496,23 +514,16 @@ class HeadScheduler(_Engine):
 
     def submit(self, prompt_ids: list[int], deadline: float | None = None, request_id: str = "") -> HeadRequest:
         request = HeadRequest(list(prompt_ids), deadline, request_id=request_id)
-        with self._lock:
-            if self._closed:
-                raise ShuttingDown("the server is shutting down; retry on another replica")
-            if len(self._waiting) - (self.max_batch - self._running) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting beyond a batch of "
-                                f"{self.max_batch}); retry later")
-            request.id = next(self._ids)
-            self._waiting.append(request)
-            self._busy += 1
-            self.metrics.queue_depth.set(len(self._waiting))
-            self._lock.notify_all()
+        self._enqueue(request, f"beyond a batch of {self.max_batch}")
         return request
+
+    def _places(self) -> int:
+        return self.max_batch - self._running
 
     def stats(self) -> dict:
         with self._lock:
             return {"waiting": len(self._waiting), "running": self._running,
-                    "free_slots": self.max_batch - self._running, "max_batch": self.max_batch}
+                    "free_slots": self._places(), "max_batch": self.max_batch}
 
     def _loop(self) -> None:
         while True:
